@@ -7,8 +7,7 @@ registers them and turns known errors into one-line messages.
 
 from __future__ import annotations
 
-import importlib
-import sys
+import importlib.util
 
 import click
 
@@ -40,7 +39,11 @@ def _available_commands() -> dict[str, tuple[str, str]]:
 
 
 class OneLineError(click.ClickException):
-    """A known error, shown as one line on stderr with exit status 1."""
+    """A known error, shown as one line on stderr (exit status 1, or 2 for usage)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
     def show(self, file=None) -> None:
         click.echo(f"alexpipe: error: {self.format_message()}", err=True)
@@ -72,8 +75,18 @@ class LazyGroup(click.Group):
 
         try:
             return super().invoke(ctx)
-        except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                PermissionError) as error:
+        except click.UsageError as error:
+            # Click's three-line usage block becomes one line with a pointer.
+            command = error.ctx.command_path if error.ctx else "alexpipe"
+            message = f"{error.format_message()} (see '{command} --help')"
+            raise OneLineError(message, exit_code=2) from error
+        except (
+            UserError,
+            FileNotFoundError,
+            NotADirectoryError,
+            IsADirectoryError,
+            PermissionError,
+        ) as error:
             if (ctx.obj or {}).get("verbose"):
                 raise
             raise OneLineError(_one_line(error)) from error

@@ -1,0 +1,229 @@
+"""`alexpipe build-shards`: raw ILSVRC in, WebDataset shards + statistics out.
+
+The job in four steps, each in its own module:
+1. list the inputs (``sources``) and fix the plan (``plan``) — pure;
+2. skip shards a previous run finished (their records in ``_work/``);
+3. run one Ray task per remaining shard (``shard_task.run_shard``);
+4. merge and write stats, rejections and the manifest last (``finish``).
+Same input and settings give byte-identical output, whatever the number of
+workers or nodes and however often the job was killed and rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.build_config import LAYOUTS, RESIZE_MODES, SPLITS, BuildConfig
+from pipeline.finish import MANIFEST_NAME, SplitSummary, write_outputs
+from pipeline.plan import ShardPlan, plan_build
+from pipeline.shard_task import load_finished_record, run_shard, work_dir
+from shards.atomic import dumps_json, remove_temporaries, write_text_atomic
+from shards.errors import UserError
+
+SETTINGS_NAME = "settings.json"
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    """What a build did, for the closing report and the benchmarks."""
+
+    out: Path
+    splits: dict[str, SplitSummary]
+    num_shards: int
+    shards_skipped: int
+    images_processed: int
+    wall_seconds: float
+    peak_worker_rss_mb: float
+    already_complete: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_processed / self.wall_seconds if self.wall_seconds else 0.0
+
+    def over_rejection_limit(self, max_rejected: float) -> list[str]:
+        """One message per split whose rejected share exceeds the limit."""
+        return [
+            f"{split}: {summary.num_rejected} of {summary.num_inputs} inputs rejected "
+            f"({summary.rejected_fraction:.2%}), more than --max-rejected {max_rejected:g}; "
+            f"see {self.out / 'rejected.jsonl'}"
+            for split, summary in self.splits.items()
+            if summary.rejected_fraction > max_rejected
+        ]
+
+
+def validate(config: BuildConfig) -> None:
+    """Reject impossible settings with one clear line each."""
+    if config.layout not in LAYOUTS:
+        raise UserError(f"unknown layout {config.layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if config.resize not in RESIZE_MODES:
+        raise UserError(f"unknown --resize {config.resize!r}; choose {' or '.join(RESIZE_MODES)}")
+    unknown = [split for split in config.splits if split not in SPLITS]
+    if unknown or not config.splits:
+        raise UserError(f"--splits takes a comma list of {', '.join(SPLITS)}, not {unknown}")
+    if not 16 <= config.size <= 4096:
+        raise UserError(f"--size must be between 16 and 4096, not {config.size}")
+    if not 1 <= config.quality <= 100:
+        raise UserError(f"--quality must be between 1 and 100, not {config.quality}")
+    if config.shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, not {config.shard_size}")
+    if config.workers is not None and config.workers < 1:
+        raise UserError(f"--workers must be at least 1, not {config.workers}")
+    if not 0 <= config.max_rejected <= 1:
+        raise UserError(f"--max-rejected is a fraction in [0, 1], not {config.max_rejected}")
+    if config.out.exists() and not config.out.is_dir():
+        raise UserError(f"--out {config.out} exists and is not a directory")
+
+
+def _claim_output(out_dir: Path, settings: dict) -> bool:
+    """Make ``out_dir`` ours for these settings; True if it is already complete.
+
+    A directory holding a build with other settings is refused rather than
+    mixed: resuming only makes sense with the same arguments.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / MANIFEST_NAME
+    recorded_path = work_dir(out_dir) / SETTINGS_NAME
+    for path in (manifest_path, recorded_path):
+        if not path.is_file():
+            continue
+        recorded = json.loads(path.read_text())
+        recorded = recorded.get("config", recorded) if path == manifest_path else recorded
+        if recorded != settings:
+            raise UserError(
+                f"{out_dir} holds a build with other settings ({_difference(recorded, settings)}); "
+                "rerun with the same arguments or choose another --out"
+            )
+        if path == manifest_path:
+            return True
+    if any(out_dir.glob("*.tar")) and not recorded_path.is_file():
+        raise UserError(f"{out_dir} already holds shards that this build did not write")
+    work_dir(out_dir).mkdir(exist_ok=True)
+    write_text_atomic(recorded_path, dumps_json(settings))
+    return False
+
+
+def _difference(recorded: dict, wanted: dict) -> str:
+    keys = sorted(set(recorded) | set(wanted))
+    changed = [f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in keys
+               if recorded.get(k) != wanted.get(k)]
+    return "; ".join(changed)
+
+
+def _run_remaining(plans: list[ShardPlan], transform_config, config: BuildConfig, progress):
+    """Run the shard tasks on Ray; yield each record as its task finishes."""
+    import ray
+
+    from pipeline.ray_runtime import ray_session
+
+    with ray_session(config.address, config.workers) as cpus:
+        remote_run = ray.remote(num_cpus=1, max_retries=2)(run_shard)
+        out_dir = str(config.out.resolve())
+        transform_ref = ray.put(transform_config)
+        # Bounded submission keeps the driver's memory flat on huge builds.
+        window = max(2 * cpus, 4)
+        pending: dict = {}
+        queue = list(plans)
+        while queue or pending:
+            while queue and len(pending) < window:
+                plan = queue.pop(0)
+                pending[remote_run.remote(plan, transform_ref, out_dir)] = plan
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                plan = pending.pop(ref)
+                record = ray.get(ref)
+                progress.update(len(plan.samples))
+                yield record
+
+
+def build_shards(config: BuildConfig) -> BuildSummary:
+    """Run the whole build (or finish an interrupted one); see the module docstring."""
+    from pipeline.sources import discover
+    from pipeline.transform import TransformConfig
+
+    validate(config)
+    started = time.perf_counter()
+    listing = discover(config.src, config.layout, config.splits)
+    settings = config.output_settings(listing.layout)
+    out_dir = config.out
+    if _claim_output(out_dir, settings):
+        return _summary_of_complete(out_dir, started)
+    remove_temporaries(out_dir)
+    remove_temporaries(work_dir(out_dir))
+
+    items_by_split = {split: listing.items[split] for split in config.splits}
+    plans = plan_build(items_by_split, config.shard_size, config.seed)
+    records = {}
+    remaining = []
+    for plan in plans:
+        record = load_finished_record(out_dir, plan)
+        if record is None:
+            remaining.append(plan)
+        else:
+            records[plan.name] = record
+
+    transform_config = TransformConfig(
+        size=config.size,
+        quality=config.quality,
+        resize=config.resize,
+        exif_transpose=config.exif_transpose,
+    )
+    total_images = sum(len(plan.samples) for plan in remaining)
+    progress = _progress_bar(total_images, config.progress)
+    try:
+        if remaining:
+            for record in _run_remaining(remaining, transform_config, config, progress):
+                records[record["name"]] = record
+    finally:
+        progress.close()
+
+    classes = [
+        {"index": index, "wnid": wnid, "name": listing.class_names.get(wnid, "")}
+        for index, wnid in enumerate(listing.classes)
+    ]
+    summaries = write_outputs(out_dir, settings, classes, plans, records, listing.rejected)
+    shutil.rmtree(work_dir(out_dir), ignore_errors=True)
+    return BuildSummary(
+        out=out_dir,
+        splits=summaries,
+        num_shards=sum(1 for plan in plans if records[plan.name]["shard"]),
+        shards_skipped=len(plans) - len(remaining),
+        images_processed=total_images,
+        wall_seconds=time.perf_counter() - started,
+        peak_worker_rss_mb=max((r.get("peak_rss_mb", 0.0) for r in records.values()), default=0),
+    )
+
+
+def _summary_of_complete(out_dir: Path, started: float) -> BuildSummary:
+    """The summary of a directory a previous run already completed."""
+    manifest = json.loads((out_dir / MANIFEST_NAME).read_text())
+    splits = {
+        name: SplitSummary(
+            num_inputs=entry["num_samples"] + entry["num_rejected"],
+            num_samples=entry["num_samples"],
+            rejected_by_reason={"(see rejected.jsonl)": entry["num_rejected"]}
+            if entry["num_rejected"]
+            else {},
+        )
+        for name, entry in manifest["splits"].items()
+    }
+    return BuildSummary(
+        out=out_dir,
+        splits=splits,
+        num_shards=sum(len(entry["shards"]) for entry in manifest["splits"].values()),
+        shards_skipped=sum(len(entry["shards"]) for entry in manifest["splits"].values()),
+        images_processed=0,
+        wall_seconds=time.perf_counter() - started,
+        peak_worker_rss_mb=0.0,
+        already_complete=True,
+    )
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="build-shards", disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1)

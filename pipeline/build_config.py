@@ -1,0 +1,54 @@
+"""The frozen configuration of one `alexpipe build-shards` run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RESIZE_MODES = ("center-crop", "squash")
+LAYOUTS = ("auto", "folder", "tars", "kaggle")
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides the bytes of the output, plus how to run.
+
+    ``output_settings()`` is the part that decides the bytes; ``workers`` and
+    ``address`` only decide how fast they are made.
+    """
+
+    src: Path
+    out: Path
+    layout: str = "auto"
+    size: int = 256
+    quality: int = 90
+    resize: str = "center-crop"
+    shard_size: int = 1000
+    seed: int = 0
+    splits: tuple[str, ...] = SPLITS
+    max_rejected: float = 0.001
+    exif_transpose: bool = False
+    workers: int | None = None
+    address: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def output_settings(self, resolved_layout: str) -> dict:
+        """The settings recorded in manifest.json: same settings, same bytes."""
+        return {
+            "size": self.size,
+            "quality": self.quality,
+            "resize": self.resize,
+            "shard_size": self.shard_size,
+            "seed": self.seed,
+            "layout": resolved_layout,
+            "exif_transpose": self.exif_transpose,
+            "splits": list(self.splits),
+        }
+
+    def describe(self) -> dict:
+        """A JSON-able view of the whole config (for logs and errors)."""
+        view = asdict(self)
+        view["src"], view["out"] = str(self.src), str(self.out)
+        return view

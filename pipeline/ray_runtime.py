@@ -1,0 +1,66 @@
+"""Starting or joining Ray for the build, quietly and on loopback by default.
+
+On Linux Ray binds its servers to the machine's primary interface and turns
+"127.0.0.1" into that address. A private local instance needs none of that,
+so for local builds we switch off Ray's cluster mode (the same switch Ray
+uses on macOS and Windows): every listener then stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+# Read by Ray when it is imported and inherited by the processes it starts.
+LOCAL_ONLY_ENVIRONMENT = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+QUIET_ENVIRONMENT = {
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, workers: int | None) -> Iterator[int]:
+    """Run a block with Ray ready; yield the number of CPUs the tasks can use.
+
+    ``address=None`` starts a private instance on this machine (loopback only,
+    ``workers`` CPUs); any other address (``auto``, ``HOST:PORT``,
+    ``ray://...``) joins that cluster and uses all of its CPUs.
+    """
+    local = address in (None, "", "local")
+    if local:
+        os.environ.update(LOCAL_ONLY_ENVIRONMENT)
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+    import ray
+    from ray._private import ray_constants
+
+    if local:
+        # The environment reaches the processes Ray starts; this reaches the
+        # already-imported module in case ray was imported before us.
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    already_running = ray.is_initialized()
+    if not already_running:
+        options = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.ERROR,
+            "configure_logging": True,
+        }
+        if local:
+            ray.init(address="local", num_cpus=workers or os.cpu_count(), **options)
+        else:
+            ray.init(address=address, **options)
+    try:
+        yield max(1, int(ray.cluster_resources().get("CPU", 1)))
+    finally:
+        if not already_running:
+            ray.shutdown()
