@@ -1,0 +1,518 @@
+"""A bounded local cache of remote shards, verified before use and prefetched ahead of reading.
+
+DALI (and our ``pread``-based readers) read local files, so shards from an
+``http(s)://``, ``s3://`` or ``pipe:`` source are staged into ``cache_dir``
+first. A shard is downloaded to a hidden temporary name, its size and sha256
+are checked against the manifest and its index against the tar, and only
+then does it get its final name; a corrupt copy raises
+:class:`~shards.remote.ShardVerificationError` and leaves nothing behind.
+
+Bounded: every byte in the cache (staged shards, their ``.idx`` files and
+downloads in flight, which reserve their full size before they start) counts
+against ``max_bytes``. Room is made by evicting the least recently used
+shards that nobody holds; a shard between :meth:`ShardCache.acquire` and
+:meth:`ShardCache.release` is never evicted.
+
+Prefetch: :meth:`ShardCache.prefetch` takes the order in which shards will be
+acquired; background threads stage them in that order as far as the budget
+allows, never evicting a shard that is held or that the order still needs
+(so the prefetcher cannot throw away the next shard to make room for a later
+one). :meth:`acquire` stages on demand whatever is not ready, and blocks
+while a shard is being staged.
+
+Files are named ``<shard stem>.<first 16 hex of its sha256>.tar`` (+ ``.idx``),
+so a file under a final name is, by construction, the verified content of
+that manifest entry; a later run with the same cache directory reuses them.
+One process owns a cache directory at a time (an exclusive lock): give each
+training process its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from shards.atomic import atomic_file, remove_temporaries, write_text_atomic
+from shards.errors import UserError
+from shards.index import build_index
+from shards.manifest import shard_infos
+from shards.reader import iter_members
+from shards.remote import (
+    CHUNK_BYTES,
+    ShardSource,
+    ShardVerificationError,
+    VerifiedStream,
+    open_verified,
+    read_index,
+)
+from shards.writer import ShardInfo
+
+LOCK_NAME = ".lock"
+# Any plain name: only used to ask a source whether its files are local.
+MANIFEST_PROBE = "manifest.json"
+DIGEST_LENGTH = 16
+CACHED_NAME = re.compile(r"(?P<stem>[A-Za-z0-9][A-Za-z0-9._-]*)\.(?P<digest>[0-9a-f]{16})\.tar")
+DEFAULT_PREFETCH_THREADS = 2
+DEFAULT_SPACE_WAIT_SECONDS = 30.0
+# Waits re-check their condition this often, so a missed wake-up costs little.
+POLL_SECONDS = 0.5
+# --cache-size units: K/M/G/T and KiB.. are powers of 1024, KB.. powers of 1000.
+SIZE_UNITS = {"": 1, "b": 1}
+for _power, _letter in enumerate("kmgt", start=1):
+    SIZE_UNITS |= {_letter: 1024**_power, f"{_letter}ib": 1024**_power, f"{_letter}b": 1000**_power}
+
+
+class _Cancelled(Exception):
+    """Staging stopped because the cache is closing."""
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a ``--cache-size`` value: ``500M``, ``50G``, ``1.5TiB``, ``20GB``, ``1000000``.
+
+    K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024; KB/MB/GB/TB powers of 1000.
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match and SIZE_UNITS.get(match.group(2).lower())
+    if not match or unit is None:
+        raise UserError(f"cannot read size {text!r}; write e.g. 500M, 50G or 1.5T")
+    return int(float(match.group(1)) * unit)
+
+
+def cached_name(info: ShardInfo) -> str:
+    """The file name of a shard in the cache: ``train-000000.<sha256[:16]>.tar``."""
+    return f"{info.file.removesuffix('.tar')}.{info.sha256[:DIGEST_LENGTH]}.tar"
+
+
+def stage_shard(
+    source: ShardSource,
+    info: ShardInfo,
+    tar_path: Path,
+    index_text: str,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> int:
+    """Download shard ``info`` to ``tar_path`` (index beside it), verified; return bytes written.
+
+    The tar is written under a temporary name; its size and sha256 are
+    checked against ``info`` and ``index_text`` against the tar's members
+    before the index and then the tar get their final names. Any failure
+    removes the temporary file and raises (a ``UserError`` saying which shard).
+    """
+    tar_path = Path(tar_path)
+    with atomic_file(tar_path) as handle:
+        with contextlib.closing(open_verified(source, info)) as stream:
+            while chunk := stream.read(CHUNK_BYTES):
+                if should_stop():
+                    raise _Cancelled
+                handle.write(chunk)
+            stream.finish()
+        handle.flush()
+        members = iter_members(Path(handle.name))
+        if build_index(member.as_tuple() for member in members) != index_text:
+            raise ShardVerificationError(
+                f"{info.file}: its index file does not describe the verified tar; "
+                f"the copy at {source.describe(info.file)} has a stale or corrupt .idx"
+            )
+        # The index first: a tar under its final name always has its index.
+        write_text_atomic(tar_path.with_suffix(".idx"), index_text)
+    return info.bytes + len(index_text.encode("ascii"))
+
+
+@dataclass
+class _Entry:
+    """A shard in the cache: being staged (bytes reserved) or ready on disk."""
+
+    file_name: str  # cached_name(...)
+    shard: str | None  # manifest name; None for a file of another dataset found in the dir
+    bytes: int
+    ready: bool
+    pins: int = 0
+    last_used: int = 0
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters, for progress lines and tests."""
+
+    bytes_used: int
+    max_bytes: int
+    shards_ready: int
+    downloads: int
+    hits: int
+    evictions: int
+
+
+class ShardCache:
+    """Stage shards of ``manifest`` from ``source`` into ``cache_dir``, at most ``max_bytes``.
+
+    ``acquire(name) -> Path`` returns the local tar (its index is
+    ``path.with_suffix(".idx")``) and holds it until ``release(name)``; each
+    acquire needs one release. For a local source, ``acquire`` returns the
+    source's own file and nothing is copied. Use as a context manager, or
+    call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        source: ShardSource,
+        manifest: dict,
+        cache_dir: Path,
+        max_bytes: int,
+        prefetch_threads: int = DEFAULT_PREFETCH_THREADS,
+        space_wait_seconds: float = DEFAULT_SPACE_WAIT_SECONDS,
+    ):
+        self.source = source
+        self.cache_dir = Path(cache_dir)
+        self.max_bytes = int(max_bytes)
+        self.space_wait_seconds = space_wait_seconds
+        self._infos = {
+            info.file: info for split in manifest["splits"] for info in shard_infos(manifest, split)
+        }
+        self._local = source.local_path(MANIFEST_PROBE) is not None
+        self._condition = threading.Condition()
+        self._entries: dict[str, _Entry] = {}
+        self._failures: dict[str, BaseException] = {}
+        self._plan: dict[str, int] = {}  # shard -> position in the prefetch order
+        self._consumed: set[str] = set()  # shards of the plan acquired since it was set
+        self._claimed: set[str] = set()  # picked by a prefetch thread, not yet reserved
+        self._clock = 0
+        self._counts = {"downloads": 0, "hits": 0, "evictions": 0}
+        self._threads: list[threading.Thread] = []
+        self._prefetch_threads = prefetch_threads
+        self._closed = False
+        self._lock_handle = None
+        if self._local:
+            return
+        largest = max((info.bytes for info in self._infos.values()), default=0)
+        if self.max_bytes < 2 * largest:
+            raise UserError(
+                f"cache size {self.max_bytes} bytes is too small: it must hold at least two "
+                f"shards (the largest is {largest} bytes); raise --cache-size"
+            )
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_directory()
+        remove_temporaries(self.cache_dir)
+        self._adopt_existing()
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def _lock_directory(self) -> None:
+        handle = open(self.cache_dir / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UserError(
+                f"cache directory {self.cache_dir} is in use by another process; "
+                "give each process its own --cache-dir"
+            ) from None
+        self._lock_handle = handle
+
+    def _adopt_existing(self) -> None:
+        """Count shards a previous run left (oldest first in LRU order); drop broken ones."""
+        by_cached_name = {cached_name(info): info for info in self._infos.values()}
+        found = []
+        for path in self.cache_dir.iterdir():
+            if not CACHED_NAME.fullmatch(path.with_suffix(".tar").name):
+                continue  # not ours
+            if path.suffix == ".idx" and not path.with_suffix(".tar").exists():
+                path.unlink(missing_ok=True)  # an index whose tar never arrived
+                continue
+            if path.suffix != ".tar":
+                continue
+            index_path = path.with_suffix(".idx")
+            info = by_cached_name.get(path.name)
+            size = path.stat().st_size
+            if not index_path.exists() or (info is not None and size != info.bytes):
+                path.unlink(missing_ok=True)
+                index_path.unlink(missing_ok=True)
+                continue
+            total = size + index_path.stat().st_size
+            found.append((path.stat().st_mtime, path.name, info, total))
+        for _mtime, name, info, total in sorted(found, key=lambda row: row[:2]):
+            self._clock += 1
+            shard = info.file if info is not None else None
+            self._entries[name] = _Entry(name, shard, total, ready=True, last_used=self._clock)
+        with self._condition:
+            self._evict_until(self.max_bytes, protect_plan=False)
+
+    # --- public API ----------------------------------------------------------------------------
+
+    def info(self, name: str) -> ShardInfo:
+        """The manifest entry of shard ``name``."""
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise UserError(f"shard {name!r} is not in the manifest") from None
+
+    def path_of(self, name: str) -> Path:
+        """Where shard ``name`` lives when it is ready (it may not be there yet)."""
+        info = self.info(name)
+        if self._local:
+            return self.source.local_path(name)
+        return self.cache_dir / cached_name(info)
+
+    def prefetch(self, order: Iterable[str]) -> None:
+        """Stage shards in the background in ``order`` (the order they will be acquired).
+
+        Replaces any earlier order. Shards already acquired under an earlier
+        order count as used; repeated names are staged once.
+        """
+        names = list(dict.fromkeys(order))
+        for name in names:
+            self.info(name)
+        if self._local:
+            return
+        with self._condition:
+            self._check_open()
+            self._plan = {name: position for position, name in enumerate(names)}
+            self._consumed = set()
+            self._condition.notify_all()
+            while len(self._threads) < self._prefetch_threads:
+                thread = threading.Thread(
+                    target=self._prefetch_loop, name="shard-prefetch", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+
+    def acquire(self, name: str) -> Path:
+        """The local path of shard ``name``, staged and verified; held until :meth:`release`."""
+        info = self.info(name)
+        if self._local:
+            return self.source.local_path(name)
+        file_name = cached_name(info)
+        while True:
+            with self._condition:
+                self._check_open()
+                if name in self._failures:
+                    self._consumed.add(name)  # reported: the prefetcher must not retry it
+                    raise self._failures.pop(name)
+                entry = self._entries.get(file_name)
+                if entry is not None and entry.ready:
+                    entry.pins += 1
+                    self._touch(entry)
+                    self._consumed.add(name)
+                    self._counts["hits"] += 1
+                    return self.cache_dir / file_name
+                if entry is not None:  # being staged by a prefetch thread
+                    self._condition.wait(POLL_SECONDS)
+                    continue
+            # Not marked consumed while we stage it: it stays first in the prefetch
+            # order, which keeps prefetch threads from taking the room it needs.
+            try:
+                staged = self._stage(info, demand=True)
+            except BaseException:
+                with self._condition:
+                    self._consumed.add(name)
+                raise
+            if staged:
+                return self.cache_dir / file_name
+
+    def release(self, name: str) -> None:
+        """Let go of shard ``name`` (one :meth:`acquire`); it may now be evicted."""
+        info = self.info(name)
+        if self._local:
+            return
+        with self._condition:
+            entry = self._entries.get(cached_name(info))
+            if entry is None or entry.pins == 0:
+                raise ValueError(f"release({name!r}) without a matching acquire")
+            entry.pins -= 1
+            self._touch(entry)
+            self._condition.notify_all()
+
+    def open_stream(self, name: str) -> VerifiedStream:
+        """Stream shard ``name`` from the source without caching, verified at its end.
+
+        Read it to the end (or call ``finish()``) before trusting what was read:
+        a mismatch raises :class:`ShardVerificationError` there.
+        """
+        return open_verified(self.source, self.info(name))
+
+    def stats(self) -> CacheStats:
+        """Bytes used and counters so far."""
+        with self._condition:
+            return CacheStats(
+                bytes_used=self._bytes_used(),
+                max_bytes=self.max_bytes,
+                shards_ready=sum(entry.ready for entry in self._entries.values()),
+                **self._counts,
+            )
+
+    def close(self) -> None:
+        """Stop prefetching (in-flight downloads are abandoned) and unlock the directory."""
+        with self._condition:
+            if self._closed:
+                return
+            self._closed = True
+            self._condition.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+
+    def __enter__(self) -> ShardCache:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __getstate__(self):
+        raise TypeError(
+            "a ShardCache belongs to one process (threads, a directory lock); "
+            "pass the paths it returns to other processes instead"
+        )
+
+    # --- staging -------------------------------------------------------------------------------
+
+    def _stage(self, info: ShardInfo, demand: bool) -> bool:
+        """Stage ``info``; True when done (and, on demand, held). False: someone else did it."""
+        file_name = cached_name(info)
+        index_text = read_index(self.source, info.file)
+        needed = info.bytes + len(index_text.encode("ascii"))
+        deadline = time.monotonic() + self.space_wait_seconds
+        with self._condition:
+            while True:
+                self._check_open(cancel=not demand)
+                unwanted = not demand and (
+                    info.file in self._consumed or info.file not in self._plan
+                )
+                if file_name in self._entries or unwanted:
+                    self._claimed.discard(info.file)
+                    return False
+                # Prefetch threads reserve in plan order, or a later shard could take
+                # the room the next one needs.
+                in_turn = demand or self._missing_in_plan()[:1] == [info.file]
+                if in_turn and self._make_room(needed, protect_plan=not demand):
+                    break
+                if demand and time.monotonic() > deadline:
+                    raise UserError(self._too_small_message(info, needed))
+                self._condition.wait(POLL_SECONDS)
+            self._claimed.discard(info.file)
+            entry = _Entry(file_name, info.file, needed, ready=False)
+            self._entries[file_name] = entry
+            self._counts["downloads"] += 1
+        try:
+            written = stage_shard(
+                self.source,
+                info,
+                self.cache_dir / file_name,
+                index_text,
+                should_stop=lambda: self._closed,
+            )
+        except BaseException as error:
+            with self._condition:
+                del self._entries[file_name]
+                if not demand and not isinstance(error, _Cancelled):
+                    self._failures[info.file] = error
+                self._condition.notify_all()
+            raise
+        with self._condition:
+            entry.bytes, entry.ready = written, True
+            self._touch(entry)
+            if demand:
+                entry.pins += 1
+                self._consumed.add(info.file)
+            self._condition.notify_all()
+        return True
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            with self._condition:
+                while not self._closed and (name := self._next_to_prefetch()) is None:
+                    self._condition.wait(POLL_SECONDS)
+                if self._closed:
+                    return
+                self._claimed.add(name)
+            try:
+                self._stage(self._infos[name], demand=False)
+            except _Cancelled:
+                return
+            except BaseException as error:  # kept for acquire() to raise
+                with self._condition:
+                    self._claimed.discard(name)
+                    self._failures.setdefault(name, error)
+                    self._condition.notify_all()
+
+    def _missing_in_plan(self) -> list[str]:
+        """Shards of the prefetch order still to stage, in order."""
+        return [
+            name
+            for name in self._plan  # dicts keep the order
+            if name not in self._consumed
+            and name not in self._failures
+            and cached_name(self._infos[name]) not in self._entries
+        ]
+
+    def _next_to_prefetch(self) -> str | None:
+        return next((name for name in self._missing_in_plan() if name not in self._claimed), None)
+
+    # --- bookkeeping (call with the condition held) --------------------------------------------
+
+    def _check_open(self, cancel: bool = False) -> None:
+        if self._closed:
+            if cancel:
+                raise _Cancelled
+            raise UserError("the shard cache is closed")
+
+    def _touch(self, entry: _Entry) -> None:
+        self._clock += 1
+        entry.last_used = self._clock
+
+    def _bytes_used(self) -> int:
+        return sum(entry.bytes for entry in self._entries.values())
+
+    def _awaited(self, entry: _Entry) -> bool:
+        """Still needed by the prefetch order (staged ahead, not yet acquired)."""
+        return entry.shard in self._plan and entry.shard not in self._consumed
+
+    def _eviction_order(self, protect_plan: bool) -> list[_Entry]:
+        idle = [entry for entry in self._entries.values() if entry.ready and entry.pins == 0]
+        unneeded = sorted((e for e in idle if not self._awaited(e)), key=lambda e: e.last_used)
+        if protect_plan:
+            return unneeded
+        # On demand, shards staged ahead may go too, those needed last first.
+        awaited = sorted((e for e in idle if self._awaited(e)), key=lambda e: -self._plan[e.shard])
+        return unneeded + awaited
+
+    def _make_room(self, needed: int, protect_plan: bool) -> bool:
+        """Evict so that ``needed`` more bytes fit; False (evicting nothing) if they cannot."""
+        free = self.max_bytes - self._bytes_used()
+        victims = []
+        for entry in self._eviction_order(protect_plan):
+            if free >= needed:
+                break
+            victims.append(entry)
+            free += entry.bytes
+        if free < needed:
+            return False
+        for entry in victims:
+            self._evict(entry)
+        return True
+
+    def _evict_until(self, limit: int, protect_plan: bool) -> None:
+        for entry in self._eviction_order(protect_plan):
+            if self._bytes_used() <= limit:
+                return
+            self._evict(entry)
+
+    def _evict(self, entry: _Entry) -> None:
+        path = self.cache_dir / entry.file_name
+        # The tar first: an index alone is never mistaken for a complete shard.
+        path.unlink(missing_ok=True)
+        path.with_suffix(".idx").unlink(missing_ok=True)
+        del self._entries[entry.file_name]
+        self._counts["evictions"] += 1
+
+    def _too_small_message(self, info: ShardInfo, needed: int) -> str:
+        held = sum(entry.bytes for entry in self._entries.values() if entry.pins or not entry.ready)
+        return (
+            f"shard cache {self.cache_dir} ({self.max_bytes} bytes) has no room for {info.file} "
+            f"({needed} bytes): shards in use or being staged take {held} bytes; "
+            "raise --cache-size"
+        )
