@@ -1,0 +1,14 @@
+"""AlexNet as in Krizhevsky et al. (2012), trained on alexpipe shards.
+
+- ``model``: the paper's network (two columns as grouped convolutions).
+- ``columns``: the same network split over two devices (model parallelism).
+- ``config``: :class:`TrainConfig`, the frozen settings of a run.
+- ``data``: the one call into :mod:`pipeline.loader`.
+- ``engine``: ``train_one_epoch``, ``evaluate``, ``fit``.
+- ``session`` / ``checkpoint``: the run's state and RUN/checkpoint.pt.
+- ``schedule``: learning-rate schedules; ``metrics``: metrics.jsonl, curves.png.
+- ``distributed``: process groups (torchrun, local spawning, one process).
+- ``run``: a whole run (``train``); ``evaluation``: ``evaluate_checkpoint``.
+
+Heavy imports (torch) happen in the submodules, not here.
+"""

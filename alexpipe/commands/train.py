@@ -1,0 +1,93 @@
+"""`alexpipe train` and `alexpipe eval`: build a config, call the trainer."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from shards.errors import UserError
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@click.command("train")
+@click.option("--shards", "shards_dir", required=True, type=click.Path(), help="Shard directory.")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Run directory.")
+@click.option("--epochs", default=90, show_default=True)
+@click.option("--batch-size", default=128, show_default=True, help="Global batch size.")
+@click.option("--lr", default=0.01, show_default=True)
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda if available.")
+@click.option("--backend", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
+@click.option("--parallel", type=click.Choice(["ddp", "columns"]), default="ddp", show_default=True)
+@click.option("--nproc", default=1, show_default=True, help="Local processes (one per GPU).")
+@click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pt.")
+@click.option("--max-steps", type=int, help="Stop after this optimizer step.")
+@click.option("--checkpoint-every", type=int, help="Also checkpoint every N steps.")
+@click.option(
+    "--schedule", type=click.Choice(["plateau", "step"]), default="plateau", show_default=True
+)
+@click.option("--lighting-std", default=0.1, show_default=True)
+@click.option(
+    "--normalize", type=click.Choice(["paper", "channel"]), default="paper", show_default=True
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--bf16", is_flag=True, help="bf16 autocast.")
+@click.option("--channels-last", is_flag=True)
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
+@click.option("--width", default=1.0, show_default=True, help="Layer width (1.0 = the paper).")
+@click.option("--log-every", default=10, show_default=True, help="Steps per metrics row.")
+@click.option("--num-threads", default=2, show_default=True, help="Loader threads per process.")
+def train(compile_model: bool, device: str | None, **options) -> None:
+    """Train AlexNet on a shard directory (the paper's recipe by default)."""
+    from trainer.config import TrainConfig
+    from trainer.run import train as run_training
+
+    config = TrainConfig(device=device or _default_device(), compile=compile_model, **options)
+    resolved = run_training(config)
+    click.echo(f"run directory: {resolved.out_dir} (config.json, checkpoint.pt, metrics.jsonl)")
+
+
+@click.command("eval")
+@click.option("--shards", "shards_dir", required=True, type=click.Path(), help="Shard directory.")
+@click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path())
+@click.option("--ten-crop", is_flag=True, help="Average the softmax of the paper's 10 patches.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda if available.")
+@click.option("--backend", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+def eval_command(
+    shards_dir: str,
+    checkpoint_path: str,
+    ten_crop: bool,
+    as_json: bool,
+    device: str | None,
+    backend: str,
+    batch_size: int,
+) -> None:
+    """Top-1/top-5 error of a checkpoint on the val split."""
+    from trainer.evaluation import evaluate_checkpoint
+
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    results = evaluate_checkpoint(
+        shards_dir,
+        checkpoint_path,
+        ten_crop=ten_crop,
+        backend=backend,
+        device=device or _default_device(),
+        batch_size=batch_size,
+    )
+    summary = {key: results[key] for key in ("top1_err", "top5_err", "num_images")}
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    crops = "ten-crop" if ten_crop else "center crop"
+    click.echo(
+        f"top-1 error {summary['top1_err']:.2%}, top-5 error {summary['top5_err']:.2%} "
+        f"on {summary['num_images']} val images ({crops})"
+    )

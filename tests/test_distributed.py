@@ -1,0 +1,87 @@
+"""Data-parallel training with real torch.distributed (gloo on 127.0.0.1, CPU processes)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from test_train import NUM_CLASSES, SyntheticData, small_config, train_losses
+
+from trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from trainer.model import AlexNet
+from trainer.run import train
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def test_two_processes_step_like_one_process_on_the_whole_batch(tmp_path):
+    """DDP over 2 gloo processes, one SGD step == 1 process on the concatenated batch."""
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    # Dropout off: the two runs draw their masks differently.
+    train(small_config(ddp_dir, nproc=2, max_steps=1, dropout=0.0), make_loaders=SyntheticData())
+    train(small_config(single_dir, max_steps=1, dropout=0.0), make_loaders=SyntheticData())
+
+    # The ranks' first batches (samples order[0::2][:4] and order[1::2][:4])
+    # together are the single process's first batch (order[:8]).
+    ddp, single = (load_checkpoint(path / CHECKPOINT_NAME) for path in (ddp_dir, single_dir))
+    torch.manual_seed(0)
+    initial = AlexNet(NUM_CLASSES, width=1 / 16).state_dict()
+    for name, expected in single["model"].items():
+        assert torch.allclose(ddp["model"][name], expected, rtol=1e-5, atol=1e-7), name
+    assert not torch.allclose(single["model"]["fc8.weight"], initial["fc8.weight"], atol=1e-5)
+    [(_, ddp_loss)], [(_, single_loss)] = train_losses(ddp_dir), train_losses(single_dir)
+    assert abs(ddp_loss - single_loss) < 1e-5  # the logged loss is the global batch's mean
+
+    # What the two-process run recorded: the world, and every rank's RNG and loader position.
+    record = json.loads((ddp_dir / "config.json").read_text())
+    assert record["world_size"] == 2 and record["per_process_batch_size"] == 4
+    assert ddp["world_size"] == 2 and ddp["step"] == 1 and len(ddp["rng"]) == 2
+    assert not torch.equal(ddp["rng"][0]["torch"], ddp["rng"][1]["torch"])
+    assert [state["batches_consumed"] for state in ddp["loader"]] == [1, 1]
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_torchrun_two_nodes_on_loopback(tmp_path):
+    run_dir = tmp_path / "run"
+    script = tmp_path / "train_script.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(TESTS_DIR)!r})\n"
+        "from pathlib import Path\n"
+        "from test_train import SyntheticData, small_config\n"
+        "from trainer.run import train\n"
+        f"train(small_config(Path({str(run_dir)!r}), epochs=1), make_loaders=SyntheticData())\n"
+    )
+    port = _free_loopback_port()
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "torch.distributed.run",
+                "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+                "--master-addr", "127.0.0.1", "--master-port", str(port),
+                str(script),
+            ],
+            env=environment,
+        )
+        for node in (0, 1)
+    ]  # fmt: skip
+    try:
+        codes = [node.wait(timeout=240) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert codes == [0, 0]
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["world_size"] == 2
+    assert [step for step, _ in train_losses(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["world_size"] == 2
