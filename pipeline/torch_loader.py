@@ -1,0 +1,107 @@
+"""The pure PyTorch/PIL reference loader: the same samples, order and draws as DALI.
+
+For machines without DALI, and as the oracle the DALI pipeline is tested
+against. Decoding is PIL, augmentation is the numpy reference in
+``pipeline.augment``; batches follow the same epoch plan and apply the same
+per-sample draws, so the two backends differ only by their JPEG decoders.
+``num_threads`` becomes the number of DataLoader worker processes (0: decode
+in the calling process).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.augment import AugmentSpec, train_reference, val_reference
+from pipeline.epochs import EpochPlan
+from pipeline.loader import EpochLoader, SampleReader
+
+
+def decode_rgb(jpeg: np.ndarray | bytes) -> np.ndarray:
+    """JPEG bytes -> uint8 H×W×3 RGB with PIL."""
+    with Image.open(io.BytesIO(bytes(jpeg))) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+class ReferenceSamples(Dataset):
+    """Map-style dataset whose "index" is a work item: (position, x, y, flip, alpha) or position.
+
+    The batch sampler carries the epoch's draws, so worker processes need
+    no random state of their own.
+    """
+
+    def __init__(self, reader: SampleReader, spec: AugmentSpec, ten_crop: bool):
+        self.reader = reader
+        self.spec = spec
+        self.ten_crop = ten_crop
+
+    def __len__(self) -> int:
+        return self.reader.table.num_samples
+
+    def __getitem__(self, work):
+        if isinstance(work, tuple):
+            position, offset_x, offset_y, flip, alpha = work
+            jpeg, label, index = self.reader.read(position)
+            image = train_reference(decode_rgb(jpeg), offset_x, offset_y, flip, alpha, self.spec)
+        else:
+            jpeg, label, index = self.reader.read(work)
+            image = val_reference(decode_rgb(jpeg), self.spec, self.ten_crop)
+        return torch.from_numpy(image), label, index
+
+
+def planned_work(plan: EpochPlan, first_batch: int, draws) -> list[list]:
+    """The batches ``first_batch..`` of ``plan`` as lists of work items for ReferenceSamples."""
+    batches = []
+    for number in range(first_batch, plan.num_batches):
+        positions = plan.batch(number)
+        if draws is None:
+            batches.append([int(position) for position in positions])
+            continue
+        batches.append(
+            [
+                (
+                    int(position),
+                    int(draws.offset_x[position]),
+                    int(draws.offset_y[position]),
+                    bool(draws.flip[position]),
+                    np.asarray(draws.alpha[position], np.float32),
+                )
+                for position in positions
+            ]
+        )
+    return batches
+
+
+class TorchLoader(EpochLoader):
+    """SPEC §6 loader on torch.utils.data.DataLoader + PIL."""
+
+    def __init__(self, table, spec, config, draw):
+        super().__init__(table, spec, config, draw)
+        self._dataset = ReferenceSamples(SampleReader(table), spec, config.ten_crop)
+        self._device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if config.device == "gpu"
+            else torch.device("cpu")
+        )
+
+    def _run(self, plan: EpochPlan, first_batch: int, draws):
+        work = planned_work(plan, first_batch, draws)
+        if not work:
+            return
+        batches = DataLoader(
+            self._dataset,
+            batch_sampler=work,
+            num_workers=min(self.config.num_threads, len(work)),
+            pin_memory=self._device.type == "cuda",
+        )
+        for images, labels, indices in batches:
+            yield (
+                images.to(self._device, non_blocking=True),
+                labels.to(self._device),
+                indices.to(self._device),
+            )

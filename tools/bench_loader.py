@@ -1,0 +1,316 @@
+#!/usr/bin/env python
+"""Loader benchmark: DALI CPU loader vs a typical WebDataset + PIL + DataLoader loader.
+
+On the same shards (synthetic 256×256 JPEGs written with shards.writer, or
+``--shards DIR``), measures the train images/s of:
+
+1. alexpipe's DALI loader on CPU (ROI decode, crop, flip, PCA lighting, mean
+   subtraction; ``--threads`` DALI threads);
+2. the baseline most PyTorch code uses: ``webdataset.WebDataset`` + PIL
+   decode + random crop, flip, ToTensor/Normalize written as torchvision
+   does + ``torch.utils.data.DataLoader`` with ``--threads`` workers;
+3. alexpipe's torch reference backend (PIL, same DataLoader worker count);
+4. DALI decoding alone (full 256×256 images, same threads): the bound for
+   any CPU loader that decodes every pixel.
+
+Each figure is the median of ``--repeats`` runs, run in turns so that
+background load hits all of them alike. Usage:
+    python tools/bench_loader.py [--images 2000] [--batches 40] [--shards DIR] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from shards.manifest import write_json_atomic  # noqa: E402
+from shards.writer import ShardSample, shard_info_dict, write_shard  # noqa: E402
+
+SHARD_SIZE = 500
+
+
+# --- synthetic shards ---------------------------------------------------------------------
+
+
+def synthetic_image(generator: np.random.Generator) -> np.ndarray:
+    """A 256×256 RGB image with structure at several scales plus sensor-like noise.
+
+    Pure noise would be far harder to decode than photographs, flat colour
+    far easier; this lands near ImageNet's ~20-30 KB per 256×256 JPEG at q90.
+    """
+    image = np.zeros((256, 256, 3), np.float32)
+    for cells, weight in ((4, 0.5), (16, 0.3), (64, 0.2)):
+        coarse = generator.uniform(0, 255, (cells, cells, 3)).astype(np.uint8)
+        layer = Image.fromarray(coarse).resize((256, 256), Image.BICUBIC)
+        image += weight * np.asarray(layer, np.float32)
+    image += generator.normal(0, 6, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def build_synthetic_shards(out: Path, num_images: int, num_classes: int = 10) -> Path:
+    """A complete shard directory (manifest, stats, mean) of synthetic train images."""
+    generator = np.random.default_rng(0)
+    samples, pixel_sum, outer_sum = [], np.zeros(3), np.zeros((3, 3))
+    mean_image = np.zeros((256, 256, 3), np.float64)
+    for index in range(num_images):
+        buffer = io.BytesIO()
+        Image.fromarray(synthetic_image(generator)).save(buffer, format="JPEG", quality=90)
+        with Image.open(io.BytesIO(buffer.getvalue())) as decoded:
+            pixels = np.asarray(decoded.convert("RGB"), np.float64)
+        mean_image += pixels
+        flat = pixels.reshape(-1, 3)
+        pixel_sum += flat.sum(axis=0)
+        outer_sum += flat.T @ flat
+        meta = {
+            "index": index,
+            "wnid": f"n{index % num_classes:08d}",
+            "source": f"{index}",
+            "orig_size": [256, 256],
+            "orig_mode": "RGB",
+            "repairs": [],
+        }
+        samples.append(
+            ShardSample(f"img_{index:06d}", buffer.getvalue(), index % num_classes, meta)
+        )
+    shards = [
+        shard_info_dict(
+            write_shard(out / f"train-{number:06d}.tar", samples[start : start + SHARD_SIZE])
+        )
+        for number, start in enumerate(range(0, num_images, SHARD_SIZE))
+    ]
+    count = num_images * 256 * 256
+    mean_rgb = pixel_sum / count
+    covariance = outer_sum / count - np.outer(mean_rgb, mean_rgb)
+    eigvals, eigvecs = np.linalg.eigh(covariance)
+    order = np.argsort(eigvals)[::-1]
+    write_json_atomic(
+        out / "stats.json",
+        {
+            "num_images": num_images,
+            "num_pixels": count,
+            "mean_rgb": mean_rgb.tolist(),
+            "std_rgb": np.sqrt(np.diag(covariance)).tolist(),
+            "cov_rgb": covariance.tolist(),
+            "eigvals": eigvals[order].tolist(),
+            "eigvecs": eigvecs[:, order].tolist(),
+            "scale": "0-255",
+        },
+    )
+    np.save(out / "mean.npy", (mean_image / num_images).astype(np.float32))
+    write_json_atomic(
+        out / "manifest.json",
+        {
+            "format": "alexpipe-shards/1",
+            "config": {
+                "size": 256,
+                "quality": 90,
+                "resize": "center-crop",
+                "shard_size": SHARD_SIZE,
+                "seed": 0,
+                "layout": "synthetic",
+            },
+            "classes": [
+                {"index": label, "wnid": f"n{label:08d}", "name": str(label)}
+                for label in range(num_classes)
+            ],
+            "splits": {"train": {"num_samples": num_images, "num_rejected": 0, "shards": shards}},
+            "stats": "stats.json",
+        },
+    )
+    return out
+
+
+# --- the loaders under test ---------------------------------------------------------------
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its children, live or exited."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    exited = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + exited.ru_utime + exited.ru_stime
+    ticks = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[1]) == os.getpid():  # parent pid: a DataLoader worker
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def time_batches(batches, num_batches: int, warmup: int = 2) -> tuple[float, float]:
+    """(images per second, images per CPU-second) of an endless batch iterator.
+
+    Wall-clock rates swing with whatever else runs on the machine; CPU time
+    per image (loader threads and worker processes included) is the steadier
+    measure of how much work a loader needs.
+    """
+    for _ in range(warmup):
+        next(batches)
+    images, started, cpu_started = 0, time.perf_counter(), cpu_seconds()
+    for _ in range(num_batches):
+        images += len(next(batches)[1])
+    wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    return images / wall, images / cpu
+
+
+def endless(make_iterable):
+    """Iterate ``make_iterable()`` again and again (one epoch after another)."""
+    while True:
+        yield from make_iterable()
+
+
+def alexpipe_rate(shards_dir: Path, backend: str, batch_size: int, threads: int, batches: int):
+    from pipeline.loader import create_loader
+
+    loader = create_loader(
+        shards_dir, "train", batch_size=batch_size, backend=backend, num_threads=threads
+    )
+    return time_batches(endless(lambda: loader), batches)
+
+
+def webdataset_rate(shards_dir: Path, batch_size: int, workers: int, batches: int):
+    """The typical PyTorch loader: WebDataset + PIL + torchvision-style transforms."""
+    import torch
+    import webdataset
+    from torch.utils.data import DataLoader
+
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        # RandomCrop(224) + RandomHorizontalFlip() + ToTensor() + Normalize(mean, std)
+        x, y = random.randint(0, 32), random.randint(0, 32)
+        image = image.crop((x, y, x + 224, y + 224))
+        if random.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float().div_(255)
+        return (tensor - mean) / std
+
+    urls = [str(path) for path in sorted(shards_dir.glob("train-*.tar"))]
+    dataset = (
+        webdataset.WebDataset(urls, shardshuffle=len(urls), empty_check=False)
+        .shuffle(1000)
+        .decode("pil")
+        .to_tuple("jpg", "cls")
+        .map_tuple(transform, int)
+    )
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, persistent_workers=True
+    )
+    return time_batches(endless(lambda: loader), batches)
+
+
+def dali_decode_rate(shards_dir: Path, batch_size: int, threads: int, batches: int):
+    """DALI decoding whole 256×256 images, fed like the loader, nothing else."""
+    from pipeline.dali_pipes import BatchFeeder, decode_only_pipeline
+    from pipeline.loader import SampleReader, create_loader
+
+    loader = create_loader(shards_dir, "train", batch_size=batch_size, num_threads=threads)
+    feeder = BatchFeeder(SampleReader(loader.table), loader.spec, train=False)
+    pipeline = decode_only_pipeline(
+        feeder,
+        device="cpu",
+        batch_size=batch_size,
+        num_threads=threads,
+        device_id=None,
+        prefetch_queue_depth=2,
+    )
+    pipeline.build()
+
+    def epochs():
+        for epoch in range(10**9):
+            feeder.start(loader.plan(epoch), 0, None)
+            while True:
+                try:
+                    outputs = pipeline.run()
+                except StopIteration:
+                    pipeline.reset()
+                    break
+                yield outputs[0], range(len(outputs[0]))
+
+    return time_batches(epochs(), batches)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=Path, help="existing shard directory (else synthetic)")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    arguments = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="alexpipe-bench-") as temporary:
+        shards_dir = arguments.shards
+        if shards_dir is None:
+            started = time.perf_counter()
+            shards_dir = build_synthetic_shards(Path(temporary), arguments.images)
+            sizes = [path.stat().st_size for path in shards_dir.glob("*.tar")]
+            print(
+                f"built {arguments.images} synthetic images in {len(sizes)} shards "
+                f"({sum(sizes) / arguments.images / 1024:.1f} KiB/image) "
+                f"in {time.perf_counter() - started:.1f} s",
+                file=sys.stderr,
+            )
+        size, threads, batches = arguments.batch_size, arguments.threads, arguments.batches
+        measures = {
+            "dali_cpu": lambda: alexpipe_rate(shards_dir, "dali", size, threads, batches),
+            "webdataset_pil_dataloader": lambda: webdataset_rate(
+                shards_dir, size, threads, batches
+            ),
+            "torch_reference": lambda: alexpipe_rate(shards_dir, "torch", size, threads, batches),
+            "dali_decode_only": lambda: dali_decode_rate(shards_dir, size, threads, batches),
+        }
+        runs = {name: [] for name in measures}
+        for _ in range(arguments.repeats):
+            for name, measure in measures.items():
+                runs[name].append(measure())
+    figures = {name: statistics.median(rate for rate, _ in rates) for name, rates in runs.items()}
+    per_cpu = {name: statistics.median(rate for _, rate in rates) for name, rates in runs.items()}
+    baseline = "webdataset_pil_dataloader"
+    report = {
+        "img_per_s": figures,
+        "img_per_cpu_s": per_cpu,
+        "runs_img_per_s": {name: [rate for rate, _ in rates] for name, rates in runs.items()},
+        "dali_vs_webdataset": figures["dali_cpu"] / figures[baseline],
+        "dali_vs_webdataset_per_cpu_s": per_cpu["dali_cpu"] / per_cpu[baseline],
+        "batch_size": size,
+        "threads": threads,
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
+    if arguments.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{'':>28}  {'img/s':>7}  {'img/CPU-s':>9}  runs (img/s)")
+    for name, rate in figures.items():
+        runs_text = ", ".join(f"{rate:.0f}" for rate in report["runs_img_per_s"][name])
+        print(f"{name:>28}: {rate:7.0f}  {per_cpu[name]:9.0f}  {runs_text}")
+    print(
+        f"{'DALI CPU / WebDataset':>28}: {report['dali_vs_webdataset']:.2f}x img/s, "
+        f"{report['dali_vs_webdataset_per_cpu_s']:.2f}x img/CPU-s (target 2.5x); "
+        f"load average {report['load_average'][0]:.1f} on {report['cpus']} CPUs"
+    )
+
+
+if __name__ == "__main__":
+    main()
