@@ -108,8 +108,11 @@ def _claim_output(out_dir: Path, settings: dict) -> bool:
 
 def _difference(recorded: dict, wanted: dict) -> str:
     keys = sorted(set(recorded) | set(wanted))
-    changed = [f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in keys
-               if recorded.get(k) != wanted.get(k)]
+    changed = [
+        f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}"
+        for k in keys
+        if recorded.get(k) != wanted.get(k)
+    ]
     return "; ".join(changed)
 
 
@@ -225,5 +228,11 @@ def _summary_of_complete(out_dir: Path, started: float) -> BuildSummary:
 def _progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc="build-shards", disable=not enabled,
-                dynamic_ncols=True, smoothing=0.1)
+    return tqdm(
+        total=total,
+        unit="img",
+        desc="build-shards",
+        disable=not enabled,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
