@@ -3,7 +3,8 @@
 The job in four steps, each in its own module:
 1. list the inputs (``sources``) and fix the plan (``plan``) — pure;
 2. skip shards a previous run finished (their records in ``_work/``);
-3. run one Ray task per remaining shard (``shard_task.run_shard``);
+3. run one task per remaining shard (``shard_task.run_shard``) on Ray
+   (``scheduler``);
 4. merge and write stats, rejections and the manifest last (``finish``).
 Same input and settings give byte-identical output, whatever the number of
 workers or nodes and however often the job was killed and rerun.
@@ -20,7 +21,8 @@ from pathlib import Path
 from pipeline.build_config import LAYOUTS, RESIZE_MODES, SPLITS, BuildConfig
 from pipeline.finish import MANIFEST_NAME, SplitSummary, write_outputs
 from pipeline.plan import ShardPlan, plan_build
-from pipeline.shard_task import load_finished_record, run_shard, work_dir
+from pipeline.scheduler import run_shards
+from pipeline.shard_task import load_finished_record, work_dir
 from shards.atomic import dumps_json, remove_temporaries, write_text_atomic
 from shards.errors import UserError
 
@@ -116,32 +118,6 @@ def _difference(recorded: dict, wanted: dict) -> str:
     return "; ".join(changed)
 
 
-def _run_remaining(plans: list[ShardPlan], transform_config, config: BuildConfig, progress):
-    """Run the shard tasks on Ray; yield each record as its task finishes."""
-    import ray
-
-    from pipeline.ray_runtime import ray_session
-
-    with ray_session(config.address, config.workers) as cpus:
-        remote_run = ray.remote(num_cpus=1, max_retries=2)(run_shard)
-        out_dir = str(config.out.resolve())
-        transform_ref = ray.put(transform_config)
-        # Bounded submission keeps the driver's memory flat on huge builds.
-        window = max(2 * cpus, 4)
-        pending: dict = {}
-        queue = list(plans)
-        while queue or pending:
-            while queue and len(pending) < window:
-                plan = queue.pop(0)
-                pending[remote_run.remote(plan, transform_ref, out_dir)] = plan
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                plan = pending.pop(ref)
-                record = ray.get(ref)
-                progress.update(len(plan.samples))
-                yield record
-
-
 def build_shards(config: BuildConfig) -> BuildSummary:
     """Run the whole build (or finish an interrupted one); see the module docstring."""
     from pipeline.sources import discover
@@ -178,8 +154,14 @@ def build_shards(config: BuildConfig) -> BuildSummary:
     progress = _progress_bar(total_images, config.progress)
     try:
         if remaining:
-            for record in _run_remaining(remaining, transform_config, config, progress):
-                records[record["name"]] = record
+
+            def finished(plan: ShardPlan, record: dict) -> None:
+                records[plan.name] = record
+                progress.update(len(plan.samples))
+
+            run_shards(
+                remaining, transform_config, out_dir, config.address, config.workers, finished
+            )
     finally:
         progress.close()
 

@@ -1,0 +1,121 @@
+"""Running shard tasks: on Ray, with the driver working while Ray starts.
+
+Starting Ray takes seconds (it waits for its own daemons to come up) during
+which the CPUs are mostly idle. The driver uses that time: a thread runs
+shard tasks in-process until Ray is ready, then Ray takes the rest. Each
+shard is a pure function of its plan, so who runs it changes nothing in
+the output.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from pipeline.plan import ShardPlan
+from pipeline.shard_task import run_shard
+
+
+class _WarmUpWorkers:
+    """Threads that run shards in the driver process until told to stop.
+
+    Threads, not processes: decoding, resizing, encoding and the statistics
+    release the GIL, and threads start instantly, which is the point.
+    """
+
+    def __init__(self, plans: collections.deque, transform_config, out_dir: Path, count: int):
+        self.plans = plans
+        self.transform_config = transform_config
+        self.out_dir = out_dir
+        self.finished: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.threads = [
+            threading.Thread(target=self._run, name=f"alexpipe-warm-up-{index}", daemon=True)
+            for index in range(count)
+        ]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def alive(self) -> bool:
+        return any(thread.is_alive() for thread in self.threads)
+
+    def join(self, timeout: float | None = None) -> None:
+        for thread in self.threads:
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                try:
+                    plan = self.plans.popleft()
+                except IndexError:
+                    return
+                self.finished.put((plan, run_shard(plan, self.transform_config, self.out_dir)))
+        except BaseException as error:  # re-raised in the driver's thread
+            self.error = error
+
+    def drain(self) -> Iterator[tuple[ShardPlan, dict]]:
+        while True:
+            try:
+                yield self.finished.get_nowait()
+            except queue.Empty:
+                return
+
+
+def run_shards(
+    plans: list[ShardPlan],
+    transform_config,
+    out_dir: Path,
+    address: str | None,
+    workers: int | None,
+    on_done: Callable[[ShardPlan, dict], None],
+) -> None:
+    """Run every plan once; call ``on_done(plan, record)`` as each finishes."""
+    import ray
+
+    from pipeline.ray_runtime import ray_session
+
+    out_dir = Path(out_dir).resolve()
+    pending_plans = collections.deque(plans)
+    local_cpus = workers if address in (None, "", "local") and workers else os.cpu_count() or 1
+    warm_up = _WarmUpWorkers(pending_plans, transform_config, out_dir, count=local_cpus)
+    warm_up.start()
+    try:
+        with ray_session(address, workers) as cpus:
+            warm_up.stop.set()
+            remote_run = ray.remote(num_cpus=1, max_retries=2)(run_shard)
+            transform_ref = ray.put(transform_config)
+            # Bounded submission keeps the driver's memory flat on huge builds.
+            window = max(2 * cpus, 4)
+            in_flight: dict = {}
+            while True:
+                for plan, record in warm_up.drain():
+                    on_done(plan, record)
+                while pending_plans and len(in_flight) < window:
+                    try:
+                        plan = pending_plans.popleft()
+                    except IndexError:  # the warm-up thread took the last one
+                        break
+                    in_flight[remote_run.remote(plan, transform_ref, str(out_dir))] = plan
+                if not in_flight:
+                    if not warm_up.alive():
+                        break
+                    warm_up.join(timeout=0.05)
+                    continue
+                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+                for ref in done:
+                    on_done(in_flight.pop(ref), ray.get(ref))
+            for plan, record in warm_up.drain():
+                on_done(plan, record)
+    finally:
+        warm_up.stop.set()
+        warm_up.join()
+    if warm_up.error is not None:
+        raise warm_up.error
