@@ -178,7 +178,10 @@ def build_shards(config: BuildConfig) -> BuildSummary:
         shards_skipped=len(plans) - len(remaining),
         images_processed=total_images,
         wall_seconds=time.perf_counter() - started,
-        peak_worker_rss_mb=max((r.get("peak_rss_mb", 0.0) for r in records.values()), default=0),
+        peak_worker_rss_mb=max(
+            (r["peak_rss_mb"] for r in records.values() if r.get("ran_in") != "driver"),
+            default=0.0,
+        ),
     )
 
 

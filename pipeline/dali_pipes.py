@@ -33,7 +33,8 @@ from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
 
 from pipeline.augment import AugmentSpec, channel_shift, mean_image_chw, ten_crop_geometry
 from pipeline.epochs import EpochPlan
-from pipeline.loader import EpochLoader, SampleReader
+from pipeline.loader import EpochLoader
+from pipeline.samples import SampleReader
 
 PREFETCH_QUEUE_DEPTH = 2
 

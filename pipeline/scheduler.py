@@ -57,7 +57,9 @@ class _WarmUpWorkers:
                     plan = self.plans.popleft()
                 except IndexError:
                     return
-                self.finished.put((plan, run_shard(plan, self.transform_config, self.out_dir)))
+                record = run_shard(plan, self.transform_config, self.out_dir)
+                # The driver's RSS (listing, Ray client) is not a worker's.
+                self.finished.put((plan, dict(record, ran_in="driver")))
         except BaseException as error:  # re-raised in the driver's thread
             self.error = error
 

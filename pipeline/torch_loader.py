@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.augment import AugmentSpec, train_reference, val_reference
 from pipeline.epochs import EpochPlan
-from pipeline.loader import EpochLoader, SampleReader
+from pipeline.loader import EpochLoader
+from pipeline.samples import SampleReader
 
 
 def decode_rgb(jpeg: np.ndarray | bytes) -> np.ndarray:

@@ -22,12 +22,8 @@ from scipy import stats as scipy_stats
 
 from pipeline.augment import AugmentDraws, draw_augmentation
 from pipeline.epochs import num_batches, plan_epoch, rank_batch_sizes
-from pipeline.loader import (
-    SampleReader,
-    _strict_member_columns,
-    _uniform_member_columns,
-    create_loader,
-)
+from pipeline.loader import create_loader
+from pipeline.samples import SampleReader, _strict_member_columns, _uniform_member_columns
 from shards.errors import UserError
 
 BACKENDS = ["dali", "torch"]
