@@ -41,6 +41,7 @@ class BuildSummary:
     wall_seconds: float
     peak_worker_rss_mb: float
     already_complete: bool = False
+    ray_nodes_used: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -182,6 +183,7 @@ def build_shards(config: BuildConfig) -> BuildSummary:
             (r["peak_rss_mb"] for r in records.values() if r.get("ran_in") != "driver"),
             default=0.0,
         ),
+        ray_nodes_used=len({r.get("ran_in") for r in records.values()} - {None, "driver"}),
     )
 
 

@@ -33,34 +33,44 @@ def ray_session(address: str | None, workers: int | None) -> Iterator[int]:
     ``ray://...``) joins that cluster and uses all of its CPUs.
     """
     local = address in (None, "", "local")
-    if local:
-        os.environ.update(LOCAL_ONLY_ENVIRONMENT)
-    else:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    for name, value in QUIET_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
-
     import ray
+
+    if ray.is_initialized():  # a session the caller opened (tests, notebooks)
+        yield max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return
     from ray._private import ray_constants
 
-    if local:
-        # The environment reaches the processes Ray starts; this reaches the
-        # already-imported module in case ray was imported before us.
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    already_running = ray.is_initialized()
-    if not already_running:
-        options = {
-            "include_dashboard": False,
-            "log_to_driver": False,
-            "logging_level": logging.ERROR,
-            "configure_logging": True,
-        }
+    settings = dict(QUIET_ENVIRONMENT)
+    settings.update(LOCAL_ONLY_ENVIRONMENT if local else {"RAY_USAGE_STATS_ENABLED": "0"})
+    saved_environment = {name: os.environ.get(name) for name in settings}
+    saved_cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    for name, value in settings.items():
+        if local or name not in os.environ:
+            os.environ[name] = value
+    options = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+        "configure_logging": True,
+    }
+    try:
         if local:
+            # The environment reaches the processes Ray starts; this reaches
+            # the already-imported module (ray may be imported before us).
+            ray_constants.ENABLE_RAY_CLUSTER = False
             ray.init(address="local", num_cpus=workers or os.cpu_count(), **options)
         else:
             ray.init(address=address, **options)
+    finally:
+        # Ray's processes have their environment now; leave ours as it was,
+        # so later processes (another `ray start`, a cluster job) are unaffected.
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     try:
         yield max(1, int(ray.cluster_resources().get("CPU", 1)))
     finally:
-        if not already_running:
-            ray.shutdown()
+        ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster_mode

@@ -71,6 +71,14 @@ class _WarmUpWorkers:
                 return
 
 
+def _run_shard_on_ray(plan: ShardPlan, transform_config, out_dir: str) -> dict:
+    """``run_shard`` as a Ray task; the record says which node ran it."""
+    import ray
+
+    record = run_shard(plan, transform_config, Path(out_dir))
+    return dict(record, ran_in=ray.get_runtime_context().get_node_id())
+
+
 def run_shards(
     plans: list[ShardPlan],
     transform_config,
@@ -86,13 +94,20 @@ def run_shards(
 
     out_dir = Path(out_dir).resolve()
     pending_plans = collections.deque(plans)
-    local_cpus = workers if address in (None, "", "local") and workers else os.cpu_count() or 1
-    warm_up = _WarmUpWorkers(pending_plans, transform_config, out_dir, count=local_cpus)
+    # Only a local instance is slow to start; a cluster is joined in about a
+    # second, and there every shard should run on the cluster's nodes.
+    starts_local_ray = address in (None, "", "local")
+    warm_up_threads = (workers or os.cpu_count() or 1) if starts_local_ray else 0
+    warm_up = _WarmUpWorkers(pending_plans, transform_config, out_dir, count=warm_up_threads)
     warm_up.start()
     try:
         with ray_session(address, workers) as cpus:
             warm_up.stop.set()
-            remote_run = ray.remote(num_cpus=1, max_retries=2)(run_shard)
+            # SPREAD: shard tasks are uniform and I/O-heavy; packing them onto
+            # the driver's node would leave the rest of a cluster idle.
+            remote_run = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(
+                _run_shard_on_ray
+            )
             transform_ref = ray.put(transform_config)
             # Bounded submission keeps the driver's memory flat on huge builds.
             window = max(2 * cpus, 4)

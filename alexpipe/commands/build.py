@@ -117,6 +117,7 @@ def build_shards(
             f"built {summary.num_shards} shards in {summary.wall_seconds:.1f} s "
             f"({summary.images_processed} images, {summary.images_per_second:.1f} img/s; "
             f"{summary.shards_skipped} shards kept from an earlier run; "
+            f"{summary.ray_nodes_used} Ray node(s); "
             f"peak worker RSS {summary.peak_worker_rss_mb:.0f} MB)"
         )
     for split, split_summary in summary.splits.items():

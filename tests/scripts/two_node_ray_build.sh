@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Run inside `unshare -n` (a network namespace with only loopback): start a
+# two-node Ray cluster (head + one worker, one CPU each) on 127.0.0.1, run
+# alexpipe's build-shards against it with --address, then end every process
+# of this namespace by pid. Nothing here can reach or listen on a real network.
+# Usage: two_node_ray_build.sh SRC OUT LOGDIR [build-shards options...]
+set -euo pipefail
+src=$1 out=$2 logs=$3
+shift 3
+ip link set lo up
+my_namespace=$(readlink /proc/$$/ns/net)
+end_namespace_processes() {
+    for proc in /proc/[0-9]*; do
+        pid=${proc#/proc/}
+        [ "$pid" = "$$" ] && continue
+        if [ "$(readlink "$proc/ns/net" 2>/dev/null)" = "$my_namespace" ]; then
+            kill -9 "$pid" 2>/dev/null || true
+        fi
+    done
+    return 0
+}
+trap end_namespace_processes EXIT
+
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token
+RAY_AUTH_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(32))')
+export RAY_AUTH_TOKEN
+port=6390
+ray start --head --node-ip-address 127.0.0.1 --port "$port" --num-cpus 1 \
+    --include-dashboard false --disable-usage-stats >"$logs/head.log" 2>&1
+ray start --address "127.0.0.1:$port" --node-ip-address 127.0.0.1 --num-cpus 1 \
+    >"$logs/worker.log" 2>&1
+# Wait until the head has registered both nodes.
+python - "$port" <<'PY'
+import sys, time, ray
+ray.init(address=f"127.0.0.1:{sys.argv[1]}", logging_level="ERROR")
+deadline = time.monotonic() + 60
+while sum(node["Alive"] for node in ray.nodes()) < 2:
+    if time.monotonic() > deadline:
+        sys.exit("the worker node never joined")
+    time.sleep(0.2)
+PY
+alexpipe build-shards --address "127.0.0.1:$port" --src "$src" --out "$out" --no-progress "$@"
+# Every listener of the namespace is on loopback (the namespace has nothing else).
+ss -Hltn | awk '{print $4}' >"$logs/listeners.txt"
