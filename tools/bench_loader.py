@@ -220,7 +220,8 @@ def webdataset_rate(shards_dir: Path, batch_size: int, workers: int, batches: in
 def dali_decode_rate(shards_dir: Path, batch_size: int, threads: int, batches: int):
     """DALI decoding whole 256×256 images, fed like the loader, nothing else."""
     from pipeline.dali_pipes import BatchFeeder, decode_only_pipeline
-    from pipeline.loader import SampleReader, create_loader
+    from pipeline.loader import create_loader
+    from pipeline.samples import SampleReader
 
     loader = create_loader(shards_dir, "train", batch_size=batch_size, num_threads=threads)
     feeder = BatchFeeder(SampleReader(loader.table), loader.spec, train=False)
