@@ -129,9 +129,9 @@ def plain_pillow_path(work: Path) -> str | None:
     return str(target)
 
 
-def run_plain(corpus: Path, work: Path) -> tuple[float, str]:
+def run_plain(corpus: Path, work: Path, plain_pillow: bool = True) -> tuple[float, str]:
     environment = dict(os.environ)
-    plain = plain_pillow_path(work)
+    plain = plain_pillow_path(work) if plain_pillow else None
     if plain:
         environment["PYTHONPATH"] = plain
     output = subprocess.run(
@@ -197,6 +197,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--shard-size", type=int, default=100)
     parser.add_argument("--work", type=Path, default=ROOT / "bench-out" / "build")
+    parser.add_argument(
+        "--baseline-pil",
+        choices=["plain", "active"],
+        default="plain",
+        help="plain: run the baseline with plain Pillow (pip-installed beside the corpus); "
+        "active: with the PIL this environment has (Pillow-SIMD after make install)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -205,7 +212,7 @@ def main() -> None:
     print(f"corpus: {args.images} ImageNet-sized JPEGs in {corpus} ...", file=sys.stderr)
     make_corpus(corpus, args.images)
     sizes = [p.stat().st_size for p in corpus.rglob("*.JPEG")]
-    plain_rate, plain_pil = run_plain(corpus, args.work)
+    plain_rate, plain_pil = run_plain(corpus, args.work, args.baseline_pil == "plain")
     bound_rate, bound_records = run_bound(corpus, args.work, args.workers, args.shard_size)
     alexpipe_rate, summary = run_alexpipe(corpus, args.work, args.workers, args.shard_size)
     result = {
