@@ -18,6 +18,10 @@ operators on the chosen device:
 The random values come from ``pipeline.augment.draw_augmentation`` and
 reach the operators as per-sample arguments, which is what lets the tests
 pin them and compare with the PyTorch reference.
+
+Remote shards: the feeder holds the shards of the batch it reads
+(``pipeline.staging``); the bytes are in memory once it returns, so a shard
+is let go right after the last batch that reads it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pipeline.augment import AugmentSpec, channel_shift, mean_image_chw, ten_cro
 from pipeline.epochs import EpochPlan
 from pipeline.loader import EpochLoader
 from pipeline.samples import SampleReader
+from pipeline.staging import LocalLeases, ShardLeases
 
 PREFETCH_QUEUE_DEPTH = 2
 
@@ -48,19 +53,32 @@ class BatchFeeder:
         self.train = train
         self._batches = iter(())
         self._draws = None
+        self._leases: ShardLeases | LocalLeases = LocalLeases()
 
-    def start(self, plan: EpochPlan, first_batch: int, draws) -> None:
-        """Feed batches ``first_batch..`` of ``plan`` (with ``draws`` for train) from now on."""
-        self._batches = (plan.batch(number) for number in range(first_batch, plan.num_batches))
+    def start(
+        self,
+        plan: EpochPlan,
+        first_batch: int,
+        draws,
+        leases: ShardLeases | LocalLeases | None = None,
+    ) -> None:
+        """Feed batches ``first_batch..`` of ``plan`` (with ``draws`` for train) from now on,
+        holding their shards through ``leases``."""
+        self._batches = (
+            (number, plan.batch(number)) for number in range(first_batch, plan.num_batches)
+        )
         self._draws = draws
+        self._leases = leases or LocalLeases()
 
     def stop(self) -> None:
         """End the epoch early: every further call raises StopIteration."""
         self._batches = iter(())
 
     def __call__(self):
-        positions = next(self._batches)  # StopIteration here tells DALI the epoch is over
+        number, positions = next(self._batches)  # StopIteration: the epoch is over
+        self._leases.before_batch(number)
         samples = [self.reader.read(int(position)) for position in positions]
+        self._leases.after_batch(number)
         jpegs = [jpg for jpg, _, _ in samples]
         labels = np.array([label for _, label, _ in samples], dtype=np.int64)
         indices = np.array([index for _, _, index in samples], dtype=np.int64)
@@ -174,9 +192,9 @@ def _to_torch(tensor_list, device: torch.device, copy: bool) -> torch.Tensor:
 class DaliLoader(EpochLoader):
     """SPEC §6 loader on DALI; the pipeline is built once and reused every epoch."""
 
-    def __init__(self, table, spec, config, draw):
-        super().__init__(table, spec, config, draw)
-        self._feeder = BatchFeeder(SampleReader(table), spec, config.is_train)
+    def __init__(self, table, spec, config, draw, staged=None):
+        super().__init__(table, spec, config, draw, staged)
+        self._feeder = BatchFeeder(self.reader(), spec, config.is_train)
         if config.device == "gpu":
             self._torch_device = torch.device("cuda", torch.cuda.current_device())
             device_id = self._torch_device.index
@@ -198,7 +216,8 @@ class DaliLoader(EpochLoader):
         self._pipeline.build()
 
     def _run(self, plan: EpochPlan, first_batch: int, draws):
-        self._feeder.start(plan, first_batch, draws)
+        leases = self.leases(plan, first_batch)
+        self._feeder.start(plan, first_batch, draws, leases)
         finished = False
         try:
             while True:
@@ -215,7 +234,10 @@ class DaliLoader(EpochLoader):
         finally:
             if not finished:
                 self._feeder.stop()
-            self._finish_epoch(drain=not finished)
+            try:
+                self._finish_epoch(drain=not finished)
+            finally:
+                leases.close()
 
     def _finish_epoch(self, drain: bool) -> None:
         """Make the pipeline ready for the next epoch.

@@ -13,6 +13,10 @@ remembers how many batches of the current epoch were handed out;
 ``state_dict()`` / ``load_state_dict()`` carry ``{"epoch",
 "batches_consumed"}`` so a resumed run continues mid-epoch with the exact
 remaining batches. ``set_epoch(n)`` makes the next iteration epoch ``n``.
+
+Remote shards (``http(s)://``, ``s3://``, ``pipe:`` locations, see
+:mod:`shards.remote`) are staged into a bounded local cache that both
+backends read from (:mod:`pipeline.staging`).
 """
 
 from __future__ import annotations
@@ -28,9 +32,26 @@ import numpy as np
 from pipeline.augment import AugmentDraws, AugmentSpec, Normalize, draw_augmentation
 from pipeline.augment import spec_from_stats as _spec_from_stats
 from pipeline.epochs import DEFAULT_SHUFFLE_WINDOW, EpochPlan, num_batches, plan_epoch
-from pipeline.samples import SplitTable, load_split_table
+from pipeline.samples import SampleReader, SplitTable, load_split_table
+from pipeline.staging import (
+    LocalLeases,
+    ShardLeases,
+    StagedShards,
+    attach_cache,
+    cache_directory,
+    minimum_cache_bytes,
+    read_remote_split,
+)
 from shards.errors import UserError
 from shards.manifest import MEAN_NAME, load_manifest, load_stats
+from shards.remote import (
+    LocalSource,
+    ShardSource,
+    open_source,
+    read_manifest,
+    read_mean,
+    read_stats,
+)
 
 BACKENDS = ("dali", "torch")
 DEVICES = ("cpu", "gpu")
@@ -47,10 +68,22 @@ def load_augment_spec(
         mean_image = np.load(mean_path)
     except FileNotFoundError:
         raise UserError(f"{mean_path} is missing; rebuild the shards") from None
+    return _augment_spec(stats, mean_image, str(shards_dir), normalize, lighting_std)
+
+
+def read_augment_spec(
+    source: ShardSource, manifest: dict, normalize: str, lighting_std: float
+) -> AugmentSpec:
+    """:func:`load_augment_spec` for any shard location (``shards.remote``)."""
+    stats, mean_image = read_stats(source, manifest), read_mean(source, manifest)
+    return _augment_spec(stats, mean_image, source.location, normalize, lighting_std)
+
+
+def _augment_spec(stats, mean_image, where: str, normalize: str, lighting_std: float):
     try:
         return _spec_from_stats(stats, mean_image, normalize, lighting_std)
     except (KeyError, ValueError) as error:
-        raise UserError(f"{shards_dir}: unusable stats.json or mean.npy ({error})") from None
+        raise UserError(f"{where}: unusable stats.json or mean.npy ({error})") from None
 
 
 # --- epoch state shared by the backends -----------------------------------------------------
@@ -80,7 +113,8 @@ class EpochLoader:
     """Epoch bookkeeping; a backend implements ``_run(plan, first_batch, draws)``.
 
     ``_run`` yields ``(images, labels, indices)`` torch tensors for the
-    batches ``first_batch..`` of ``plan``.
+    batches ``first_batch..`` of ``plan``, reading through :meth:`reader`
+    and holding shards through :meth:`leases` (staged remote shards).
     """
 
     def __init__(
@@ -89,10 +123,12 @@ class EpochLoader:
         spec: AugmentSpec,
         config: LoaderConfig,
         draw: DrawFunction = draw_augmentation,
+        staged: StagedShards | None = None,
     ):
         self.table = table
         self.spec = spec
         self.config = config
+        self.staged = staged
         self._draw = draw
         self._length = num_batches(table.num_samples, config.batch_size, config.world_size)
         self._epoch = 0
@@ -145,6 +181,11 @@ class EpochLoader:
             raise UserError(f"loader state has {consumed} batches of an epoch of {self._length}")
         self._epoch, self._consumed, self._pending = int(state["epoch"]), consumed, True
 
+    @staticmethod
+    def batches_in_flight(config: LoaderConfig) -> int:
+        """Batches a backend may have out (being read) ahead of the one it returns."""
+        return 0
+
     def plan(self, epoch: int) -> EpochPlan:
         """This rank's batches of ``epoch``."""
         config = self.config
@@ -158,6 +199,24 @@ class EpochLoader:
             shuffle=config.is_train,
             shuffle_window=config.shuffle_window,
         )
+
+    def reader(self) -> SampleReader:
+        """A sample reader for this loader's shards (staged ones are opened per read)."""
+        return SampleReader(self.table, keep_open=self.staged is None)
+
+    def leases(self, plan: EpochPlan, first_batch: int) -> ShardLeases | LocalLeases:
+        """What holds the shards of batches ``first_batch..`` of ``plan`` while they are read."""
+        if self.staged is None:
+            return LocalLeases()
+        return self.staged.leases(plan, first_batch)
+
+    def close(self) -> None:
+        """Stop the epoch in progress and let go of the shard cache (remote shards)."""
+        running = self._running() if self._running is not None else None
+        if running is not None:
+            running.close()
+        if self.staged is not None:
+            self.staged.close()
 
     def __iter__(self):
         running = self._running() if self._running is not None else None
@@ -209,8 +268,10 @@ def create_loader(
     *,
     draw_augmentation: DrawFunction | None = None,
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
+    cache_dir: str | Path | None = None,
+    cache_bytes: int | None = None,
 ) -> EpochLoader:
-    """A loader over ``split`` of a shard directory (SPEC §6).
+    """A loader over ``split`` of a shard directory or location (SPEC §6).
 
     Yields ``(images, labels)`` (``(images, labels, indices)`` with
     ``with_index``): float32 N×3×224×224 (N×10×3×224×224 with ``ten_crop``,
@@ -218,6 +279,19 @@ def create_loader(
     ``device="gpu"`` (alias ``"cuda"``) all are on the current CUDA device.
     ``draw_augmentation`` replaces :func:`pipeline.augment.draw_augmentation`
     (tests use it to pin crops, flips and lighting).
+
+    ``shards_dir`` may also be remote: ``http(s)://``, ``s3://`` or
+    ``pipe:COMMAND`` (:mod:`shards.remote`). Shards are then staged into a
+    local cache, verified against the manifest's sha256 before use, and
+    prefetched in the order this rank's epoch reads them; both backends read
+    the staged files (the torch backend could stream, but one verified path
+    for both keeps them equal). ``cache_dir``: the cache's directory (one
+    process at a time; loaders of one process share it), by default a
+    temporary directory removed at exit. ``cache_bytes``: its size limit, by
+    default twice the minimum; a limit under the minimum (the shards that
+    the shuffle window and the batches in flight can span) is a UserError
+    that says the minimum. Both are ignored for a local directory. Call
+    ``loader.close()`` to let go of the cache before the process ends.
     """
     device = "gpu" if device == "cuda" else device
     if backend not in BACKENDS:
@@ -232,15 +306,13 @@ def create_loader(
         raise UserError(f"rank {rank} is outside 0..{world_size - 1} (world size {world_size})")
     if batch_size < 1 or num_threads < 0 or lighting_std < 0 or seed < 0:
         raise UserError("batch_size >= 1, num_threads >= 0, lighting_std >= 0, seed >= 0")
+    if cache_bytes is not None and cache_bytes < 1:
+        raise UserError("the shard cache size must be positive")
     if device == "gpu":
         import torch
 
         if not torch.cuda.is_available():
             raise UserError("device 'gpu' asked for, but torch sees no CUDA device")
-    shards_dir = Path(shards_dir)
-    manifest = load_manifest(shards_dir)
-    table = load_split_table(shards_dir, split, manifest)
-    spec = load_augment_spec(shards_dir, manifest, normalize, lighting_std)
     config = LoaderConfig(
         split=split,
         batch_size=batch_size,
@@ -253,14 +325,48 @@ def create_loader(
         with_index=with_index,
         shuffle_window=shuffle_window,
     )
-    draw = draw_augmentation or _default_draw
+    source = open_source(shards_dir if isinstance(shards_dir, Path) else str(shards_dir))
+    local = isinstance(source, LocalSource)
+    if local:
+        manifest = load_manifest(source.directory)
+        table = load_split_table(source.directory, split, manifest)
+        spec = load_augment_spec(source.directory, manifest, normalize, lighting_std)
+    else:
+        manifest = read_manifest(source)
+        spec = read_augment_spec(source, manifest, normalize, lighting_std)
     if backend == "dali":
-        from pipeline.dali_pipes import DaliLoader
+        from pipeline.dali_pipes import DaliLoader as loader_class
+    else:
+        from pipeline.torch_loader import TorchLoader as loader_class
+    staged = None
+    if not local:
+        staged = _stage_remote(source, manifest, config, loader_class, cache_dir, cache_bytes)
+        table = staged.remote.table
+    draw = draw_augmentation or _default_draw
+    try:
+        return loader_class(table, spec, config, draw, staged)
+    except BaseException:
+        if staged is not None:
+            staged.close()
+        raise
 
-        return DaliLoader(table, spec, config, draw)
-    from pipeline.torch_loader import TorchLoader
 
-    return TorchLoader(table, spec, config, draw)
+def _stage_remote(
+    source: ShardSource, manifest: dict, config: LoaderConfig, loader_class, cache_dir, cache_bytes
+) -> StagedShards:
+    """The split's table over a shard cache, with a cache large enough for ``config``."""
+    directory = cache_directory(source.location, cache_dir)
+    remote = read_remote_split(source, manifest, config.split, directory)
+    minimum = minimum_cache_bytes(
+        remote,
+        manifest,
+        config.batch_size,
+        config.rank,
+        config.world_size,
+        config.shuffle_window if config.is_train else None,
+        loader_class.batches_in_flight(config),
+    )
+    return StagedShards(remote, attach_cache(source, manifest, directory, cache_bytes, minimum))
 
 
 def measure_throughput(loader: EpochLoader, batches: int, warmup: int = 2) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,18 +114,37 @@ def load_split_table(shards_dir: Path, split: str, manifest: dict | None = None)
     tars = shard_paths(shards_dir, split, manifest)
     if not tars:
         raise UserError(f"split {split!r} of {shards_dir} has no shards")
+
+    def index_texts():
+        for index_path in index_paths(shards_dir, split, manifest):
+            try:
+                yield str(index_path), index_path.read_text(encoding="ascii")
+            except FileNotFoundError:
+                raise UserError(f"{index_path} is missing; rebuild or verify the shards") from None
+            except UnicodeDecodeError as error:
+                raise UserError(f"{index_path}: {error}") from None
+
+    return split_table_from_indexes(tars, index_texts())
+
+
+def split_table_from_indexes(
+    tars: Sequence[Path], indexes: Iterable[tuple[str, str]]
+) -> SplitTable:
+    """A :class:`SplitTable` from the index texts of ``tars``, in the same order.
+
+    ``indexes`` yields ``(where, text)`` per tar; ``where`` (a path or URL)
+    names the index in error messages. The tars themselves are not touched:
+    for remote shards they are the paths where the cache will put them.
+    """
     parts, sizes = [], []
-    for shard_number, index_path in enumerate(index_paths(shards_dir, split, manifest)):
+    for shard_number, (where, text) in enumerate(indexes):
         try:
-            text = index_path.read_text(encoding="ascii")
             columns = _uniform_member_columns(text) or _strict_member_columns(text)
-        except FileNotFoundError:
-            raise UserError(f"{index_path} is missing; rebuild or verify the shards") from None
-        except (IndexFormatError, UnicodeDecodeError) as error:
-            raise UserError(f"{index_path}: {error}") from None
+        except IndexFormatError as error:
+            raise UserError(f"{where}: {error}") from None
         for ext in ("jpg", "cls"):
             if ext not in columns or (columns[ext][0] < 0).any():
-                raise UserError(f"{index_path}: a sample has no .{ext} member")
+                raise UserError(f"{where}: a sample has no .{ext} member")
         offsets = np.stack([offsets for offsets, _ in columns.values()])
         ends = np.stack([offsets + sizes for offsets, sizes in columns.values()])
         start = np.where(offsets >= 0, offsets, np.iinfo(np.int64).max).min(axis=0)
@@ -139,6 +159,8 @@ def load_split_table(shards_dir: Path, split: str, manifest: dict | None = None)
             np.where(has_json, json_offsets - start, -1), np.where(has_json, json_sizes, 0),
         ]).astype(np.int64))  # fmt: skip
         sizes.append(count)
+    if len(sizes) != len(tars):
+        raise ValueError(f"{len(tars)} tars but {len(sizes)} index texts")
     return SplitTable(tuple(tars), tuple(sizes), *np.concatenate(parts, axis=1))
 
 
@@ -146,18 +168,22 @@ class SampleReader:
     """Reads one sample's JPEG bytes, label and index by offset (``os.pread``).
 
     Keeps at most ``MAX_OPEN_SHARDS`` files open (ImageNet has ~1300
-    shards). Picklable, for DataLoader workers: open files are not carried.
+    shards). With ``keep_open=False`` each read opens and closes its shard
+    (a few microseconds against milliseconds of decoding): what shards staged
+    in a cache need, since an evicted file kept open would go on taking disk
+    space. Picklable, for DataLoader workers: open files are not carried.
     """
 
-    def __init__(self, table: SplitTable):
+    def __init__(self, table: SplitTable, keep_open: bool = True):
         self.table = table
+        self.keep_open = keep_open
         self._files: collections.OrderedDict[int, int] = collections.OrderedDict()
 
     def __getstate__(self):
-        return {"table": self.table}
+        return {"table": self.table, "keep_open": self.keep_open}
 
     def __setstate__(self, state):
-        self.__init__(state["table"])
+        self.__init__(state["table"], state.get("keep_open", True))
 
     def _descriptor(self, shard: int) -> int:
         descriptor = self._files.get(shard)
@@ -170,6 +196,15 @@ class SampleReader:
             self._files.move_to_end(shard)
         return descriptor
 
+    def _pread(self, shard: int, size: int, start: int) -> bytes:
+        if self.keep_open:
+            return os.pread(self._descriptor(shard), size, start)
+        descriptor = os.open(self.table.paths[shard], os.O_RDONLY)
+        try:
+            return os.pread(descriptor, size, start)
+        finally:
+            os.close(descriptor)
+
     def read(self, position: int) -> tuple[np.ndarray, int, int]:
         """(jpeg bytes as a uint8 array, label, the sample's index from KEY.json)."""
         table = self.table
@@ -178,7 +213,7 @@ class SampleReader:
             int(table.start[position]),
             int(table.size[position]),
         )
-        data = os.pread(self._descriptor(shard), size, start)
+        data = self._pread(shard, size, start)
         if len(data) != size:
             raise UserError(f"{table.paths[shard]} is shorter than its index says")
         jpg = np.frombuffer(

@@ -6,6 +6,13 @@ against. Decoding is PIL, augmentation is the numpy reference in
 per-sample draws, so the two backends differ only by their JPEG decoders.
 ``num_threads`` becomes the number of DataLoader worker processes (0: decode
 in the calling process).
+
+Remote shards: this backend could stream tars directly, but it reads the
+same staged, verified cache files as DALI (``pipeline.staging``), so both
+backends see the same bytes. The cache lives in the main process (it is
+not picklable); the batch sampler, which runs there, holds a batch's shards
+before a worker gets its indices, and the shards are released when the batch
+comes back, so workers only read files that are staged and held.
 """
 
 from __future__ import annotations
@@ -19,8 +26,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.augment import AugmentSpec, train_reference, val_reference
 from pipeline.epochs import EpochPlan
-from pipeline.loader import EpochLoader
+from pipeline.loader import EpochLoader, LoaderConfig
 from pipeline.samples import SampleReader
+from pipeline.staging import LocalLeases, ShardLeases
+
+# Batches each DataLoader worker has queued (torch's default, fixed here because the
+# shard cache must hold the shards of every batch out at once).
+PREFETCH_FACTOR = 2
 
 
 def decode_rgb(jpeg: np.ndarray | bytes) -> np.ndarray:
@@ -78,29 +90,65 @@ def planned_work(plan: EpochPlan, first_batch: int, draws) -> list[list]:
     return batches
 
 
+class LeasedBatches:
+    """The batch sampler: hands out the planned batches, holding each one's shards first.
+
+    The DataLoader iterates it in the main process as it gives batches to
+    workers, so a batch's shards are staged before any worker reads them.
+    """
+
+    def __init__(self, work: list[list], first_batch: int, leases: ShardLeases | LocalLeases):
+        self.work = work
+        self.first_batch = first_batch
+        self.leases = leases
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+    def __iter__(self):
+        for number, items in enumerate(self.work, start=self.first_batch):
+            self.leases.before_batch(number)
+            yield items
+
+
 class TorchLoader(EpochLoader):
     """SPEC §6 loader on torch.utils.data.DataLoader + PIL."""
 
-    def __init__(self, table, spec, config, draw):
-        super().__init__(table, spec, config, draw)
-        self._dataset = ReferenceSamples(SampleReader(table), spec, config.ten_crop)
+    def __init__(self, table, spec, config, draw, staged=None):
+        super().__init__(table, spec, config, draw, staged)
+        self._dataset = ReferenceSamples(self.reader(), spec, config.ten_crop)
         self._device = (
             torch.device("cuda", torch.cuda.current_device())
             if config.device == "gpu"
             else torch.device("cpu")
         )
 
+    @staticmethod
+    def batches_in_flight(config: LoaderConfig) -> int:
+        return PREFETCH_FACTOR * config.num_threads
+
     def _run(self, plan: EpochPlan, first_batch: int, draws):
         work = planned_work(plan, first_batch, draws)
         if not work:
             return
+        leases = self.leases(plan, first_batch)
+        try:
+            # The inner generator ends (and with it the workers) before the shards go.
+            yield from self._load(work, first_batch, leases)
+        finally:
+            leases.close()
+
+    def _load(self, work: list[list], first_batch: int, leases: ShardLeases | LocalLeases):
+        workers = min(self.config.num_threads, len(work))
         batches = DataLoader(
             self._dataset,
-            batch_sampler=work,
-            num_workers=min(self.config.num_threads, len(work)),
+            batch_sampler=LeasedBatches(work, first_batch, leases),
+            num_workers=workers,
+            prefetch_factor=PREFETCH_FACTOR if workers else None,
             pin_memory=self._device.type == "cuda",
         )
-        for images, labels, indices in batches:
+        for number, (images, labels, indices) in enumerate(batches, start=first_batch):
+            leases.after_batch(number)
             yield (
                 images.to(self._device, non_blocking=True),
                 labels.to(self._device),

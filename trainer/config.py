@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from shards.cache import parse_size
 from shards.errors import UserError
 
 DEVICES = ("cuda", "cpu")
@@ -27,7 +28,7 @@ class TrainConfig:
     validation error stops improving (at most three times), 90 epochs.
     """
 
-    shards_dir: str
+    shards_dir: str  # a directory, or http(s)://, s3://, pipe: (staged through a local cache)
     out_dir: str
     epochs: int = 90
     batch_size: int = 128  # global: divided over the processes
@@ -50,6 +51,8 @@ class TrainConfig:
     normalize: str = "paper"  # "paper" | "channel"
     seed: int = 0
     num_threads: int = 2  # loader threads per process
+    cache_dir: str | None = None  # remote shards: each process caches in CACHE_DIR/rank-LOCAL_RANK
+    cache_size: str | None = None  # e.g. "200G", split among the processes of a node
     num_classes: int | None = None  # None: from the shards' manifest
     width: float = 1.0  # layer width multiplier; 1.0 is the paper's network
     dropout: float = 0.5
@@ -83,6 +86,8 @@ class TrainConfig:
                 raise UserError(f"--{field.replace('_', '-')} must be at least 1")
         if self.lr <= 0 or self.width <= 0:
             raise UserError("--lr and --width must be positive")
+        if self.cache_size is not None and parse_size(self.cache_size) < 1:
+            raise UserError("--cache-size must be positive")
         if self.parallel == "columns" and self.nproc > 1:
             raise UserError("--parallel columns runs in one process (one column per device)")
 

@@ -5,10 +5,17 @@ batches with a ``len()``; these functions build the real ones. The train
 loader may offer ``state_dict()`` / ``load_state_dict(state)`` (its position:
 the epoch and the batches already handed out) for exact mid-epoch resume;
 without them the trainer replays the epoch and skips the batches done.
+
+Shard locations may be remote (``http(s)://``, ``s3://``, ``pipe:``): each
+process then stages shards into its own cache, ``CACHE_DIR/rank-N`` (N: the
+process's rank on its node) with ``CACHE_SIZE`` split evenly among the
+node's processes (:func:`cache_options`); the train and val loaders of a
+process share it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from shards.errors import UserError
@@ -29,19 +36,54 @@ def per_process_batch_size(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def num_classes_in(shards_dir: str | Path) -> int:
-    """Number of classes in a shard directory's manifest."""
-    from shards.manifest import load_manifest, num_classes
+def _manifest(shards_dir: str | Path) -> dict:
+    from shards.remote import open_source, read_manifest
 
-    return num_classes(load_manifest(Path(shards_dir)))
+    location = shards_dir if isinstance(shards_dir, Path) else str(shards_dir)
+    return read_manifest(open_source(location))
+
+
+def num_classes_in(shards_dir: str | Path) -> int:
+    """Number of classes in the manifest of a shard directory or remote location."""
+    from shards.manifest import num_classes
+
+    return num_classes(_manifest(shards_dir))
 
 
 def has_split(shards_dir: str | Path, split: str) -> bool:
-    """True if the shards hold a non-empty ``split``."""
-    from shards.manifest import load_manifest
-
-    splits = load_manifest(Path(shards_dir)).get("splits", {})
+    """True if the shards (a directory or remote location) hold a non-empty ``split``."""
+    splits = _manifest(shards_dir).get("splits", {})
     return splits.get(split, {}).get("num_samples", 0) > 0
+
+
+def local_position(rank: int, world_size: int) -> tuple[int, int]:
+    """(this process's rank on its node, processes on the node).
+
+    Under torchrun from ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE``; otherwise all
+    processes are local (``--nproc``, or one process).
+    """
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return rank, world_size
+
+
+def cache_options(config, rank: int, world_size: int) -> dict:
+    """``cache_dir`` and ``cache_bytes`` of this process for :func:`create_loader`.
+
+    ``CACHE_DIR/rank-{local rank}`` (a cache directory belongs to one
+    process) and ``CACHE_SIZE`` divided by the processes of the node. Unset:
+    a temporary directory and the loader's default size.
+    """
+    from shards.cache import parse_size
+
+    local_rank, local_world_size = local_position(rank, world_size)
+    cache_dir = None
+    if config.cache_dir:
+        cache_dir = str(Path(config.cache_dir).expanduser() / f"rank-{local_rank}")
+    cache_bytes = None
+    if config.cache_size:
+        cache_bytes = parse_size(config.cache_size) // max(1, local_world_size)
+    return {"cache_dir": cache_dir, "cache_bytes": cache_bytes}
 
 
 def make_loaders(config, rank: int, world_size: int) -> tuple[object, object | None]:
@@ -62,6 +104,7 @@ def make_loaders(config, rank: int, world_size: int) -> tuple[object, object | N
         "num_threads": config.num_threads,
         "normalize": config.normalize,
         "lighting_std": config.lighting_std,
+        **cache_options(config, rank, world_size),
     }
     train_loader = create_loader(config.shards_dir, split="train", **common)
     val_loader = None
@@ -79,9 +122,12 @@ def make_eval_loader(
     normalize: str,
     ten_crop: bool,
     num_threads: int = 2,
+    cache_dir: str | None = None,
+    cache_size: str | None = None,
 ):
-    """The val loader for ``alexpipe eval`` (one process)."""
+    """The val loader for ``alexpipe eval`` (one process; ``cache_dir`` is used as is)."""
     from pipeline.loader import create_loader
+    from shards.cache import parse_size
 
     if not has_split(shards_dir, "val"):
         raise UserError(f"{shards_dir} has no val split to evaluate on")
@@ -94,4 +140,6 @@ def make_eval_loader(
         num_threads=num_threads,
         normalize=normalize,
         ten_crop=ten_crop,
+        cache_dir=cache_dir,
+        cache_bytes=parse_size(cache_size) if cache_size else None,
     )

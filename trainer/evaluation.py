@@ -29,13 +29,16 @@ def evaluate_checkpoint(
     device: str | None = None,
     batch_size: int = 128,
     num_threads: int = 2,
+    cache_dir: str | None = None,
+    cache_size: str | None = None,
     loader=None,
 ) -> dict:
     """``{"top1_err", "top5_err", "val_loss", "num_images"}`` of a checkpoint on val.
 
     The images are normalized as the run was trained (its ``normalize``).
     ``loader`` replaces the shard loader (tests); ``device`` defaults to
-    CUDA when available.
+    CUDA when available. ``cache_dir``/``cache_size`` stage remote shards
+    (http(s)://, s3://, pipe:) through a verified local cache.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -53,6 +56,8 @@ def evaluate_checkpoint(
             normalize=checkpoint["config"]["normalize"],
             ten_crop=ten_crop,
             num_threads=num_threads,
+            cache_dir=cache_dir,
+            cache_size=cache_size,
         )
     results = evaluate(network, loader, device)
     if results is None:

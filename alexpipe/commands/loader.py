@@ -18,8 +18,8 @@ TILE_GAP = 4  # pixels between preview tiles
     "--shards",
     "shards_dir",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Shard directory written by build-shards.",
+    help="Shard directory written by build-shards, or http(s)://, s3://, pipe:COMMAND "
+    "(staged through a temporary verified cache).",
 )
 @click.option("--backend", type=click.Choice(BACKENDS), default="dali", show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)

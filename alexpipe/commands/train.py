@@ -8,6 +8,10 @@ import click
 
 from shards.errors import UserError
 
+SHARDS_HELP = "Shard directory, or http(s)://, s3:// or pipe:COMMAND (staged through a cache)."
+CACHE_DIR_HELP = "Local directory for remote shards (default: a temporary one)."
+CACHE_SIZE_HELP = "Size limit of that cache, e.g. 50G (default: twice the minimum)."
+
 
 def _default_device() -> str:
     import torch
@@ -16,7 +20,7 @@ def _default_device() -> str:
 
 
 @click.command("train")
-@click.option("--shards", "shards_dir", required=True, type=click.Path(), help="Shard directory.")
+@click.option("--shards", "shards_dir", required=True, help=SHARDS_HELP)
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Run directory.")
 @click.option("--epochs", default=90, show_default=True)
 @click.option("--batch-size", default=128, show_default=True, help="Global batch size.")
@@ -42,6 +46,12 @@ def _default_device() -> str:
 @click.option("--width", default=1.0, show_default=True, help="Layer width (1.0 = the paper).")
 @click.option("--log-every", default=10, show_default=True, help="Steps per metrics row.")
 @click.option("--num-threads", default=2, show_default=True, help="Loader threads per process.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help=CACHE_DIR_HELP + " Each process uses CACHE_DIR/rank-N.",
+)
+@click.option("--cache-size", help=CACHE_SIZE_HELP + " Split among a node's processes.")
 def train(compile_model: bool, device: str | None, **options) -> None:
     """Train AlexNet on a shard directory (the paper's recipe by default)."""
     from trainer.config import TrainConfig
@@ -53,13 +63,15 @@ def train(compile_model: bool, device: str | None, **options) -> None:
 
 
 @click.command("eval")
-@click.option("--shards", "shards_dir", required=True, type=click.Path(), help="Shard directory.")
+@click.option("--shards", "shards_dir", required=True, help=SHARDS_HELP)
 @click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path())
 @click.option("--ten-crop", is_flag=True, help="Average the softmax of the paper's 10 patches.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda if available.")
 @click.option("--backend", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_DIR_HELP)
+@click.option("--cache-size", help=CACHE_SIZE_HELP)
 def eval_command(
     shards_dir: str,
     checkpoint_path: str,
@@ -68,19 +80,24 @@ def eval_command(
     device: str | None,
     backend: str,
     batch_size: int,
+    cache_dir: str | None,
+    cache_size: str | None,
 ) -> None:
     """Top-1/top-5 error of a checkpoint on the val split."""
     from trainer.evaluation import evaluate_checkpoint
 
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    device = device or _default_device()
     results = evaluate_checkpoint(
         shards_dir,
         checkpoint_path,
         ten_crop=ten_crop,
         backend=backend,
-        device=device or _default_device(),
+        device=device,
         batch_size=batch_size,
+        cache_dir=cache_dir,
+        cache_size=cache_size,
     )
     summary = {key: results[key] for key in ("top1_err", "top5_err", "num_images")}
     if as_json:
