@@ -1,6 +1,6 @@
 """The cluster scripts in tools/, run with DRY_RUN=1, and the README text that shows them.
 
-Every command line in tools/CLUSTER.md that starts ``srun``, ``torchrun`` or
+Every command line in README.md (section "Run on a cluster") that starts ``srun``, ``torchrun`` or
 ``ray job submit`` must be exactly what the script invoked in the same
 document prints, and every such invocation's output must be in the document.
 SLURM is imitated the way ``sbatch`` would set it up: the job's environment
@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_SCRIPT = ROOT / "tools" / "slurm_train.sbatch"
 RAY_SCRIPT = ROOT / "tools" / "ray_build_job.sh"
-CLUSTER_DOC = ROOT / "tools" / "CLUSTER.md"
+CLUSTER_DOC = ROOT / "README.md"
 BASH = shutil.which("bash")
 # The job the document describes: "In job 4242 on nodes gpu[01-02]".
 JOB_ID = "4242"
