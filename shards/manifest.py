@@ -67,17 +67,24 @@ def load_manifest(shards_dir: Path) -> dict:
             f"{shards_dir} is not a complete alexpipe shard directory (no {MANIFEST_NAME}); "
             "run build-shards"
         )
-    manifest = _read_json(path, "the manifest")
+    return check_format(_read_json(path, "the manifest"), str(path))
+
+
+def check_format(manifest: Any, label: str) -> dict:
+    """Check that ``manifest`` is an alexpipe manifest of this format; return it.
+
+    ``label`` names where it came from (a path or a URL) in the messages.
+    """
     if not isinstance(manifest, dict):
-        raise UserError(f"{path}: expected a JSON object")
+        raise UserError(f"{label}: expected a JSON object")
     found = manifest.get("format")
     if found != FORMAT:
         raise UserError(
-            f"{path}: shards of format {found!r}, this alexpipe reads {FORMAT!r}; "
+            f"{label}: shards of format {found!r}, this alexpipe reads {FORMAT!r}; "
             "rebuild them with build-shards"
         )
     if not isinstance(manifest.get("splits"), dict):
-        raise UserError(f"{path}: no 'splits' section")
+        raise UserError(f"{label}: no 'splits' section")
     return manifest
 
 

@@ -40,7 +40,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from shards.errors import UserError
-from shards.manifest import FORMAT, MANIFEST_NAME, MEAN_NAME, STATS_NAME, index_name, load_manifest
+from shards.manifest import (
+    MANIFEST_NAME,
+    MEAN_NAME,
+    STATS_NAME,
+    check_format,
+    index_name,
+    load_manifest,
+)
 from shards.writer import ShardInfo
 
 # Names that can go into a URL, a path or a shell command unquoted.
@@ -316,17 +323,7 @@ def _read_json(source: ShardSource, name: str, what: str) -> Any:
 
 def check_manifest(manifest: Any, label: str) -> dict:
     """The same checks as ``load_manifest``, plus plain shard file names; returns the manifest."""
-    if not isinstance(manifest, dict):
-        raise UserError(f"{label}: expected a JSON object")
-    found = manifest.get("format")
-    if found != FORMAT:
-        raise UserError(
-            f"{label}: shards of format {found!r}, this alexpipe reads {FORMAT!r}; "
-            "rebuild them with build-shards"
-        )
-    splits = manifest.get("splits")
-    if not isinstance(splits, dict):
-        raise UserError(f"{label}: no 'splits' section")
+    splits = check_format(manifest, label)["splits"]
     for split in splits.values():
         for entry in split.get("shards", []):
             if not str(entry.get("file", "")).endswith(".tar"):
