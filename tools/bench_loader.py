@@ -38,6 +38,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.finish import write_statistics  # noqa: E402
+from pipeline.stats import PixelStats  # noqa: E402
 from shards.manifest import write_json_atomic  # noqa: E402
 from shards.writer import ShardSample, shard_info_dict, write_shard  # noqa: E402
 
@@ -65,17 +67,12 @@ def synthetic_image(generator: np.random.Generator) -> np.ndarray:
 def build_synthetic_shards(out: Path, num_images: int, num_classes: int = 10) -> Path:
     """A complete shard directory (manifest, stats, mean) of synthetic train images."""
     generator = np.random.default_rng(0)
-    samples, pixel_sum, outer_sum = [], np.zeros(3), np.zeros((3, 3))
-    mean_image = np.zeros((256, 256, 3), np.float64)
+    samples, pixel_stats = [], PixelStats(256)
     for index in range(num_images):
         buffer = io.BytesIO()
         Image.fromarray(synthetic_image(generator)).save(buffer, format="JPEG", quality=90)
         with Image.open(io.BytesIO(buffer.getvalue())) as decoded:
-            pixels = np.asarray(decoded.convert("RGB"), np.float64)
-        mean_image += pixels
-        flat = pixels.reshape(-1, 3)
-        pixel_sum += flat.sum(axis=0)
-        outer_sum += flat.T @ flat
+            pixel_stats.add(np.asarray(decoded.convert("RGB")))
         meta = {
             "index": index,
             "wnid": f"n{index % num_classes:08d}",
@@ -93,25 +90,7 @@ def build_synthetic_shards(out: Path, num_images: int, num_classes: int = 10) ->
         )
         for number, start in enumerate(range(0, num_images, SHARD_SIZE))
     ]
-    count = num_images * 256 * 256
-    mean_rgb = pixel_sum / count
-    covariance = outer_sum / count - np.outer(mean_rgb, mean_rgb)
-    eigvals, eigvecs = np.linalg.eigh(covariance)
-    order = np.argsort(eigvals)[::-1]
-    write_json_atomic(
-        out / "stats.json",
-        {
-            "num_images": num_images,
-            "num_pixels": count,
-            "mean_rgb": mean_rgb.tolist(),
-            "std_rgb": np.sqrt(np.diag(covariance)).tolist(),
-            "cov_rgb": covariance.tolist(),
-            "eigvals": eigvals[order].tolist(),
-            "eigvecs": eigvecs[:, order].tolist(),
-            "scale": "0-255",
-        },
-    )
-    np.save(out / "mean.npy", (mean_image / num_images).astype(np.float32))
+    write_statistics(out, pixel_stats)  # stats.json, mean.npy, mean.png as the build writes
     write_json_atomic(
         out / "manifest.json",
         {
