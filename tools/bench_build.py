@@ -12,7 +12,7 @@ even though absolute times on shared machines are noisy:
     stats) on every core through a process pool, no Ray;
 (c) alexpipe: `build-shards` end to end (listing, Ray start, tasks, merge).
 
-Usage: python tools/bench_build.py [--images 3000] [--workers N] [--json]
+Usage: python tools/bench_build.py [--images 6000] [--workers N] [--json]
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def run_alexpipe(corpus: Path, work: Path, workers: int, shard_size: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--images", type=int, default=6000)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--shard-size", type=int, default=100)
     parser.add_argument("--work", type=Path, default=ROOT / "bench-out" / "build")
