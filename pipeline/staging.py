@@ -42,7 +42,8 @@ import numpy as np
 
 from pipeline.epochs import EpochPlan, rank_batch_sizes
 from pipeline.samples import SplitTable, split_table_from_indexes
-from shards.cache import ShardCache, cached_name
+from shards.cache import ShardCache
+from shards.cache_dir import cached_name
 from shards.errors import UserError
 from shards.manifest import index_name, shard_infos
 from shards.remote import ShardSource, read_index

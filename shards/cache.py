@@ -5,7 +5,8 @@ DALI (and our ``pread``-based readers) read local files, so shards from an
 first. A shard is downloaded to a hidden temporary name, its size and sha256
 are checked against the manifest and its index against the tar, and only
 then does it get its final name; a corrupt copy raises
-:class:`~shards.remote.ShardVerificationError` and leaves nothing behind.
+:class:`~shards.verified.ShardVerificationError` and leaves nothing behind
+(:func:`~shards.verified.stage_shard`).
 
 Bounded: every byte in the cache (staged shards, their ``.idx`` files and
 downloads in flight, which reserve their full size before they start) counts
@@ -21,118 +22,36 @@ one). :meth:`acquire` stages on demand whatever is not ready, and blocks
 while a shard is being staged.
 
 Files are named ``<shard stem>.<first 16 hex of its sha256>.tar`` (+ ``.idx``),
-so a file under a final name is, by construction, the verified content of
-that manifest entry; a later run with the same cache directory reuses them.
-One process owns a cache directory at a time (an exclusive lock): give each
-training process its own.
+so a later run with the same cache directory reuses them; one process owns
+a cache directory at a time (an exclusive lock): give each training process
+its own (``shards.cache_dir``).
+
+This module decides what is on disk and when: holding, prefetching and
+evicting. Downloading and checking one shard is ``shards.verified``'s job.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.atomic import atomic_file, remove_temporaries, write_text_atomic
+from shards.cache_dir import cached_name, claim_cache_dir, leftover_shards
 from shards.errors import UserError
-from shards.index import build_index
+from shards.eviction import CacheEntry, eviction_order, victims_for_room
 from shards.manifest import shard_infos
-from shards.reader import iter_members
-from shards.remote import (
-    CHUNK_BYTES,
-    ShardSource,
-    ShardVerificationError,
-    VerifiedStream,
-    open_verified,
-    read_index,
-)
+from shards.remote import ShardSource, read_index
+from shards.verified import StagingCancelled, VerifiedStream, open_verified, stage_shard
 from shards.writer import ShardInfo
 
-LOCK_NAME = ".lock"
 # Any plain name: only used to ask a source whether its files are local.
 MANIFEST_PROBE = "manifest.json"
-DIGEST_LENGTH = 16
-CACHED_NAME = re.compile(r"(?P<stem>[A-Za-z0-9][A-Za-z0-9._-]*)\.(?P<digest>[0-9a-f]{16})\.tar")
 DEFAULT_PREFETCH_THREADS = 2
 DEFAULT_SPACE_WAIT_SECONDS = 30.0
 # Waits re-check their condition this often, so a missed wake-up costs little.
 POLL_SECONDS = 0.5
-# --cache-size units: K/M/G/T and KiB.. are powers of 1024, KB.. powers of 1000.
-SIZE_UNITS = {"": 1, "b": 1}
-for _power, _letter in enumerate("kmgt", start=1):
-    SIZE_UNITS |= {_letter: 1024**_power, f"{_letter}ib": 1024**_power, f"{_letter}b": 1000**_power}
-
-
-class _Cancelled(Exception):
-    """Staging stopped because the cache is closing."""
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a ``--cache-size`` value: ``500M``, ``50G``, ``1.5TiB``, ``20GB``, ``1000000``.
-
-    K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024; KB/MB/GB/TB powers of 1000.
-    """
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = match and SIZE_UNITS.get(match.group(2).lower())
-    if not match or unit is None:
-        raise UserError(f"cannot read size {text!r}; write e.g. 500M, 50G or 1.5T")
-    return int(float(match.group(1)) * unit)
-
-
-def cached_name(info: ShardInfo) -> str:
-    """The file name of a shard in the cache: ``train-000000.<sha256[:16]>.tar``."""
-    return f"{info.file.removesuffix('.tar')}.{info.sha256[:DIGEST_LENGTH]}.tar"
-
-
-def stage_shard(
-    source: ShardSource,
-    info: ShardInfo,
-    tar_path: Path,
-    index_text: str,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> int:
-    """Download shard ``info`` to ``tar_path`` (index beside it), verified; return bytes written.
-
-    The tar is written under a temporary name; its size and sha256 are
-    checked against ``info`` and ``index_text`` against the tar's members
-    before the index and then the tar get their final names. Any failure
-    removes the temporary file and raises (a ``UserError`` saying which shard).
-    """
-    tar_path = Path(tar_path)
-    with atomic_file(tar_path) as handle:
-        with contextlib.closing(open_verified(source, info)) as stream:
-            while chunk := stream.read(CHUNK_BYTES):
-                if should_stop():
-                    raise _Cancelled
-                handle.write(chunk)
-            stream.finish()
-        handle.flush()
-        members = iter_members(Path(handle.name))
-        if build_index(member.as_tuple() for member in members) != index_text:
-            raise ShardVerificationError(
-                f"{info.file}: its index file does not describe the verified tar; "
-                f"the copy at {source.describe(info.file)} has a stale or corrupt .idx"
-            )
-        # The index first: a tar under its final name always has its index.
-        write_text_atomic(tar_path.with_suffix(".idx"), index_text)
-    return info.bytes + len(index_text.encode("ascii"))
-
-
-@dataclass
-class _Entry:
-    """A shard in the cache: being staged (bytes reserved) or ready on disk."""
-
-    file_name: str  # cached_name(...)
-    shard: str | None  # manifest name; None for a file of another dataset found in the dir
-    bytes: int
-    ready: bool
-    pins: int = 0
-    last_used: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,7 +94,7 @@ class ShardCache:
         }
         self._local = source.local_path(MANIFEST_PROBE) is not None
         self._condition = threading.Condition()
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, CacheEntry] = {}
         self._failures: dict[str, BaseException] = {}
         self._plan: dict[str, int] = {}  # shard -> position in the prefetch order
         self._consumed: set[str] = set()  # shards of the plan acquired since it was set
@@ -194,50 +113,17 @@ class ShardCache:
                 f"cache size {self.max_bytes} bytes is too small: it must hold at least two "
                 f"shards (the largest is {largest} bytes); raise --cache-size"
             )
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_directory()
-        remove_temporaries(self.cache_dir)
+        self._lock_handle = claim_cache_dir(self.cache_dir)
         self._adopt_existing()
 
     # --- setup ---------------------------------------------------------------------------------
 
-    def _lock_directory(self) -> None:
-        handle = open(self.cache_dir / LOCK_NAME, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise UserError(
-                f"cache directory {self.cache_dir} is in use by another process; "
-                "give each process its own --cache-dir"
-            ) from None
-        self._lock_handle = handle
-
     def _adopt_existing(self) -> None:
         """Count shards a previous run left (oldest first in LRU order); drop broken ones."""
-        by_cached_name = {cached_name(info): info for info in self._infos.values()}
-        found = []
-        for path in self.cache_dir.iterdir():
-            if not CACHED_NAME.fullmatch(path.with_suffix(".tar").name):
-                continue  # not ours
-            if path.suffix == ".idx" and not path.with_suffix(".tar").exists():
-                path.unlink(missing_ok=True)  # an index whose tar never arrived
-                continue
-            if path.suffix != ".tar":
-                continue
-            index_path = path.with_suffix(".idx")
-            info = by_cached_name.get(path.name)
-            size = path.stat().st_size
-            if not index_path.exists() or (info is not None and size != info.bytes):
-                path.unlink(missing_ok=True)
-                index_path.unlink(missing_ok=True)
-                continue
-            total = size + index_path.stat().st_size
-            found.append((path.stat().st_mtime, path.name, info, total))
-        for _mtime, name, info, total in sorted(found, key=lambda row: row[:2]):
+        for name, info, total in leftover_shards(self.cache_dir, self._infos.values()):
             self._clock += 1
             shard = info.file if info is not None else None
-            self._entries[name] = _Entry(name, shard, total, ready=True, last_used=self._clock)
+            self._entries[name] = CacheEntry(name, shard, total, ready=True, last_used=self._clock)
         with self._condition:
             self._evict_until(self.max_bytes, protect_plan=False)
 
@@ -394,7 +280,7 @@ class ShardCache:
                     raise UserError(self._too_small_message(info, needed))
                 self._condition.wait(POLL_SECONDS)
             self._claimed.discard(info.file)
-            entry = _Entry(file_name, info.file, needed, ready=False)
+            entry = CacheEntry(file_name, info.file, needed, ready=False)
             self._entries[file_name] = entry
             self._counts["downloads"] += 1
         try:
@@ -408,7 +294,7 @@ class ShardCache:
         except BaseException as error:
             with self._condition:
                 del self._entries[file_name]
-                if not demand and not isinstance(error, _Cancelled):
+                if not demand and not isinstance(error, StagingCancelled):
                     self._failures[info.file] = error
                 self._condition.notify_all()
             raise
@@ -431,7 +317,7 @@ class ShardCache:
                 self._claimed.add(name)
             try:
                 self._stage(self._infos[name], demand=False)
-            except _Cancelled:
+            except StagingCancelled:
                 return
             except BaseException as error:  # kept for acquire() to raise
                 with self._condition:
@@ -457,39 +343,24 @@ class ShardCache:
     def _check_open(self, cancel: bool = False) -> None:
         if self._closed:
             if cancel:
-                raise _Cancelled
+                raise StagingCancelled
             raise UserError("the shard cache is closed")
 
-    def _touch(self, entry: _Entry) -> None:
+    def _touch(self, entry: CacheEntry) -> None:
         self._clock += 1
         entry.last_used = self._clock
 
     def _bytes_used(self) -> int:
         return sum(entry.bytes for entry in self._entries.values())
 
-    def _awaited(self, entry: _Entry) -> bool:
-        """Still needed by the prefetch order (staged ahead, not yet acquired)."""
-        return entry.shard in self._plan and entry.shard not in self._consumed
-
-    def _eviction_order(self, protect_plan: bool) -> list[_Entry]:
-        idle = [entry for entry in self._entries.values() if entry.ready and entry.pins == 0]
-        unneeded = sorted((e for e in idle if not self._awaited(e)), key=lambda e: e.last_used)
-        if protect_plan:
-            return unneeded
-        # On demand, shards staged ahead may go too, those needed last first.
-        awaited = sorted((e for e in idle if self._awaited(e)), key=lambda e: -self._plan[e.shard])
-        return unneeded + awaited
+    def _eviction_order(self, protect_plan: bool) -> list[CacheEntry]:
+        return eviction_order(self._entries.values(), self._plan, self._consumed, protect_plan)
 
     def _make_room(self, needed: int, protect_plan: bool) -> bool:
         """Evict so that ``needed`` more bytes fit; False (evicting nothing) if they cannot."""
         free = self.max_bytes - self._bytes_used()
-        victims = []
-        for entry in self._eviction_order(protect_plan):
-            if free >= needed:
-                break
-            victims.append(entry)
-            free += entry.bytes
-        if free < needed:
+        victims = victims_for_room(self._eviction_order(protect_plan), free, needed)
+        if victims is None:
             return False
         for entry in victims:
             self._evict(entry)
@@ -501,7 +372,7 @@ class ShardCache:
                 return
             self._evict(entry)
 
-    def _evict(self, entry: _Entry) -> None:
+    def _evict(self, entry: CacheEntry) -> None:
         path = self.cache_dir / entry.file_name
         # The tar first: an index alone is never mistaken for a complete shard.
         path.unlink(missing_ok=True)

@@ -18,14 +18,16 @@
 File names come from the manifest, which may itself be remote, so every name
 is checked to be a plain file name before it reaches a URL, a path or a shell
 command. Shard bytes are trusted only after their size and sha256 match the
-manifest: :func:`open_verified` checks them as the stream ends, and
-``shards.cache`` checks them before a staged file gets its final name.
+manifest; ``shards.verified`` checks them, as a stream ends or before a
+staged file gets its final name.
+
+This module opens files of a source and reads its metadata (manifest,
+statistics, mean image, index files); it does not check shard contents.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import io
 import json
@@ -48,7 +50,6 @@ from shards.manifest import (
     index_name,
     load_manifest,
 )
-from shards.writer import ShardInfo
 
 # Names that can go into a URL, a path or a shell command unquoted.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -64,10 +65,6 @@ RETRY_PAUSE_SECONDS = 0.5
 
 class SourceFileMissing(UserError):
     """The source has no file of that name (HTTP 404, no such key, no such file)."""
-
-
-class ShardVerificationError(UserError):
-    """A shard whose bytes do not match the manifest's size or sha256; it must not be used."""
 
 
 def check_file_name(name: str) -> str:
@@ -373,77 +370,3 @@ def read_index(source: ShardSource, tar_name: str) -> str:
         return read_bytes(source, name).decode("ascii")
     except UnicodeDecodeError:
         raise UserError(f"{source.describe(name)}: an index file must be ASCII") from None
-
-
-# --- verified shard streams -------------------------------------------------------------------
-
-
-class VerifiedStream(io.RawIOBase):
-    """A shard's bytes as they arrive, checked against the manifest's size and sha256.
-
-    More bytes than the manifest says fail at once; at the end of the stream
-    the size and digest are compared and :class:`ShardVerificationError` is
-    raised on a mismatch. Bytes read before that point are *not yet
-    trusted*: a streaming consumer must reach the end (``finish()``) before
-    it counts what it read as good.
-    """
-
-    def __init__(self, raw: IO[bytes], info: ShardInfo, where: str):
-        self._raw = raw
-        self.info = info
-        self.where = where
-        self._digest = hashlib.sha256()
-        self._count = 0
-        self.verified = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        try:
-            data = self._raw.read(len(buffer))
-        except (OSError, http.client.HTTPException) as error:
-            raise UserError(f"{self.where}: download failed ({error})") from None
-        count = len(data)
-        buffer[:count] = data
-        self._count += count
-        self._digest.update(data)
-        if self._count > self.info.bytes:
-            raise ShardVerificationError(
-                f"{self.info.file}: {self.where} holds more than the {self.info.bytes} bytes "
-                "the manifest records; corrupt or from another build, not using it"
-            )
-        if count == 0 and len(buffer) and not self.verified:
-            self._verify()
-        return count
-
-    def _verify(self) -> None:
-        if self._count != self.info.bytes:
-            raise ShardVerificationError(
-                f"{self.info.file}: {self.where} ended after {self._count} of the "
-                f"{self.info.bytes} bytes the manifest records; truncated, not using it"
-            )
-        digest = self._digest.hexdigest()
-        if digest != self.info.sha256:
-            raise ShardVerificationError(
-                f"{self.info.file}: sha256 of {self.where} is {digest[:12]}…, the manifest "
-                f"records {self.info.sha256[:12]}…; corrupt copy, not using it"
-            )
-        self.verified = True
-
-    def finish(self) -> None:
-        """Read whatever is left and verify; raises :class:`ShardVerificationError`."""
-        while not self.verified and self.read(CHUNK_BYTES):
-            pass
-        if not self.verified:
-            self._verify()
-
-    def close(self) -> None:
-        if not self.closed:
-            self._raw.close()
-        super().close()
-
-
-def open_verified(source: ShardSource, info: ShardInfo) -> VerifiedStream:
-    """Stream shard ``info.file`` from ``source``, verified against ``info`` at its end."""
-    return VerifiedStream(source.open(info.file), info, source.describe(info.file))

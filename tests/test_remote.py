@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from shards.atomic import is_temporary
-from shards.cache import ShardCache, parse_size
+from shards.cache import ShardCache
 from shards.errors import UserError
 from shards.index import parse_index
 from shards.manifest import FORMAT, shard_infos, write_json_atomic
@@ -31,7 +31,6 @@ from shards.reader import iter_shard, sha256_of_file
 from shards.remote import (
     HttpSource,
     LocalSource,
-    ShardVerificationError,
     is_remote,
     open_source,
     read_index,
@@ -39,6 +38,8 @@ from shards.remote import (
     read_mean,
     read_stats,
 )
+from shards.sizes import parse_size
+from shards.verified import ShardVerificationError
 from shards.writer import ShardSample, write_shard
 
 NUM_TRAIN_SHARDS = 6

@@ -28,7 +28,7 @@ from shards.errors import UserError
 from shards.index import parse_index
 from shards.manifest import load_manifest, shard_infos
 from shards.reader import iter_shard, sha256_of_file
-from shards.remote import ShardVerificationError
+from shards.verified import ShardVerificationError
 
 TRAIN_IMAGES = 160  # 8 shards of 20
 SHUFFLE_WINDOW = 8

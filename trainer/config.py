@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from shards.cache import parse_size
 from shards.errors import UserError
+from shards.sizes import parse_size
 
 DEVICES = ("cuda", "cpu")
 BACKENDS = ("dali", "torch")

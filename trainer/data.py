@@ -74,7 +74,7 @@ def cache_options(config, rank: int, world_size: int) -> dict:
     process) and ``CACHE_SIZE`` divided by the processes of the node. Unset:
     a temporary directory and the loader's default size.
     """
-    from shards.cache import parse_size
+    from shards.sizes import parse_size
 
     local_rank, local_world_size = local_position(rank, world_size)
     cache_dir = None
@@ -127,7 +127,7 @@ def make_eval_loader(
 ):
     """The val loader for ``alexpipe eval`` (one process; ``cache_dir`` is used as is)."""
     from pipeline.loader import create_loader
-    from shards.cache import parse_size
+    from shards.sizes import parse_size
 
     if not has_split(shards_dir, "val"):
         raise UserError(f"{shards_dir} has no val split to evaluate on")
