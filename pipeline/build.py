@@ -25,6 +25,7 @@ from pipeline.scheduler import run_shards
 from pipeline.shard_task import load_finished_record, work_dir
 from shards.atomic import dumps_json, remove_temporaries, write_text_atomic
 from shards.errors import UserError
+from shards.manifest import load_manifest
 
 SETTINGS_NAME = "settings.json"
 
@@ -81,31 +82,66 @@ def validate(config: BuildConfig) -> None:
         raise UserError(f"--out {config.out} exists and is not a directory")
 
 
-def _claim_output(out_dir: Path, settings: dict) -> bool:
+def _resolve_layout(config: BuildConfig) -> str:
+    """The input layout, found from marker files only (no listing), or a UserError."""
+    from pipeline.sources import detect_layout
+
+    src = config.src
+    if not src.exists():
+        raise UserError(f"--src {src} does not exist")
+    if not src.is_dir():
+        raise UserError(f"--src {src} is not a directory")
+    return detect_layout(src.absolute()) if config.layout == "auto" else config.layout
+
+
+def _run_identity(config: BuildConfig) -> dict:
+    """What, besides the settings, decides the output bytes of a run in progress:
+    the input tree and the image codec. Recorded in ``_work/`` so that a rerun
+    with another --src or after a Pillow upgrade cannot mix old and new shards."""
+    import PIL
+    from PIL import features
+
+    return {
+        "src": str(config.src.resolve()),
+        "pil": PIL.__version__,
+        "libjpeg": features.version("jpg"),
+    }
+
+
+def _require_same(out_dir: Path, recorded: dict, wanted: dict) -> None:
+    if recorded != wanted:
+        raise UserError(
+            f"{out_dir} holds a build with other settings ({_difference(recorded, wanted)}); "
+            "rerun with the same arguments or choose another --out"
+        )
+
+
+def _claim_output(out_dir: Path, settings: dict, identity: dict) -> bool:
     """Make ``out_dir`` ours for these settings; True if it is already complete.
 
-    A directory holding a build with other settings is refused rather than
-    mixed: resuming only makes sense with the same arguments.
+    A directory holding a build with other settings (or, mid-build, other
+    inputs or codec) is refused rather than mixed: resuming only makes sense
+    with the same arguments.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / MANIFEST_NAME
+    if (out_dir / MANIFEST_NAME).is_file():
+        manifest = load_manifest(out_dir)  # one-line errors for damaged or foreign files
+        _require_same(out_dir, manifest.get("config", {}), settings)
+        return True
     recorded_path = work_dir(out_dir) / SETTINGS_NAME
-    for path in (manifest_path, recorded_path):
-        if not path.is_file():
-            continue
-        recorded = json.loads(path.read_text())
-        recorded = recorded.get("config", recorded) if path == manifest_path else recorded
-        if recorded != settings:
+    wanted = {**settings, **identity}
+    if recorded_path.is_file():
+        try:
+            recorded = json.loads(recorded_path.read_text())
+        except (OSError, ValueError) as error:
             raise UserError(
-                f"{out_dir} holds a build with other settings ({_difference(recorded, settings)}); "
-                "rerun with the same arguments or choose another --out"
-            )
-        if path == manifest_path:
-            return True
-    if any(out_dir.glob("*.tar")) and not recorded_path.is_file():
+                f"{recorded_path} is unreadable ({error}); remove {out_dir} and build again"
+            ) from None
+        _require_same(out_dir, recorded, wanted)
+    elif any(out_dir.glob("*.tar")):
         raise UserError(f"{out_dir} already holds shards that this build did not write")
     work_dir(out_dir).mkdir(exist_ok=True)
-    write_text_atomic(recorded_path, dumps_json(settings))
+    write_text_atomic(recorded_path, dumps_json(wanted))
     return False
 
 
@@ -126,31 +162,31 @@ def build_shards(config: BuildConfig) -> BuildSummary:
 
     validate(config)
     started = time.perf_counter()
-    listing = discover(config.src, config.layout, config.splits)
-    settings = config.output_settings(listing.layout)
+    layout = _resolve_layout(config)
+    settings = config.output_settings(layout)
     out_dir = config.out
-    if _claim_output(out_dir, settings):
+    if _claim_output(out_dir, settings, _run_identity(config)):
         return _summary_of_complete(out_dir, started)
+    listing = discover(config.src, layout, config.splits)
     remove_temporaries(out_dir)
     remove_temporaries(work_dir(out_dir))
 
     items_by_split = {split: listing.items[split] for split in config.splits}
     plans = plan_build(items_by_split, config.shard_size, config.seed)
-    records = {}
-    remaining = []
-    for plan in plans:
-        record = load_finished_record(out_dir, plan)
-        if record is None:
-            remaining.append(plan)
-        else:
-            records[plan.name] = record
-
     transform_config = TransformConfig(
         size=config.size,
         quality=config.quality,
         resize=config.resize,
         exif_transpose=config.exif_transpose,
     )
+    records = {}
+    remaining = []
+    for plan in plans:
+        record = load_finished_record(out_dir, plan, transform_config)
+        if record is None:
+            remaining.append(plan)
+        else:
+            records[plan.name] = record
     total_images = sum(len(plan.samples) for plan in remaining)
     progress = _progress_bar(total_images, config.progress)
     try:
@@ -170,7 +206,9 @@ def build_shards(config: BuildConfig) -> BuildSummary:
         {"index": index, "wnid": wnid, "name": listing.class_names.get(wnid, "")}
         for index, wnid in enumerate(listing.classes)
     ]
-    summaries = write_outputs(out_dir, settings, classes, plans, records, listing.rejected)
+    summaries = write_outputs(
+        out_dir, settings, classes, list(config.splits), plans, records, list(listing.rejected)
+    )
     shutil.rmtree(work_dir(out_dir), ignore_errors=True)
     return BuildSummary(
         out=out_dir,

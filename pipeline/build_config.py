@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-RESIZE_MODES = ("center-crop", "squash")
-LAYOUTS = ("auto", "folder", "tars", "kaggle")
-SPLITS = ("train", "val")
+from pipeline.sources import LAYOUTS as SOURCE_LAYOUTS
+from pipeline.sources import SPLITS
+from pipeline.transform import RESIZE_MODES
+
+LAYOUTS = ("auto", *SOURCE_LAYOUTS)
+__all__ = ["LAYOUTS", "RESIZE_MODES", "SPLITS", "BuildConfig"]
 
 
 @dataclass(frozen=True)

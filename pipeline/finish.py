@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.plan import ShardPlan
+from pipeline.plan import ShardPlan, ordered_splits
 from pipeline.shard_task import load_partial_stats
-from shards.atomic import dumps_json, write_bytes_atomic, write_text_atomic
+from shards.atomic import dumps_json, remove_temporaries, write_bytes_atomic, write_text_atomic
 from shards.manifest import (
     FORMAT,
     MANIFEST_NAME,
@@ -74,22 +74,23 @@ def write_outputs(
     out_dir: Path,
     settings: dict,
     classes: list[dict],
+    splits: list[str],
     plans: list[ShardPlan],
     records: dict[str, dict],
     listing_rejected: list[dict],
 ) -> dict[str, SplitSummary]:
-    """Write stats, rejected.jsonl and finally manifest.json; return per-split summaries."""
+    """Write stats, rejected.jsonl and finally manifest.json; return per-split summaries.
+
+    ``splits`` are the splits asked for: one whose every input was rejected
+    still appears (with no shards), so its rejections count against
+    ``--max-rejected`` instead of the split silently vanishing.
+    """
     out_dir = Path(out_dir)
-    splits = sorted({plan.split for plan in plans}, key=lambda name: (name != "train", name))
+    splits = ordered_splits(splits)
     rejected = list(listing_rejected)
     for plan in plans:
         rejected.extend(records[plan.name]["rejected"])
-    rejected.sort(
-        key=lambda row: (
-            splits.index(row["split"]) if row["split"] in splits else 99,
-            row["source"],
-        )
-    )
+    rejected.sort(key=lambda row: (splits.index(row["split"]), row["source"]))
 
     train_plans = [plan for plan in plans if plan.split == "train"]
     has_stats = bool(train_plans) and any(records[p.name]["shard"] for p in train_plans)
@@ -127,5 +128,8 @@ def write_outputs(
         "mean": MEAN_NAME if has_stats else None,
         "rejected": REJECTED_NAME,
     }
+    # Writers killed mid-shard (a worker lost to OOM, then retried) leave
+    # temporaries that no rerun would see: clear them while no writer runs.
+    remove_temporaries(out_dir)
     write_text_atomic(out_dir / MANIFEST_NAME, dumps_json(manifest))
     return summaries

@@ -53,9 +53,14 @@ def plan_split(split: str, items: Sequence, shard_size: int, seed: int) -> list[
     ]
 
 
+def ordered_splits(names) -> list[str]:
+    """Split names in the one order used everywhere: train first, then by name."""
+    return sorted(names, key=lambda name: (name != "train", name))
+
+
 def plan_build(items_by_split: dict[str, Sequence], shard_size: int, seed: int) -> list[ShardPlan]:
     """All shards of all splits, train first, in a fixed order."""
     plans: list[ShardPlan] = []
-    for split in sorted(items_by_split, key=lambda name: (name != "train", name)):
+    for split in ordered_splits(items_by_split):
         plans.extend(plan_split(split, items_by_split[split], shard_size, seed))
     return plans

@@ -13,6 +13,8 @@ import logging
 import os
 from collections.abc import Iterator
 
+from shards.errors import UserError
+
 # Read by Ray when it is imported and inherited by the processes it starts.
 LOCAL_ONLY_ENVIRONMENT = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -60,7 +62,11 @@ def ray_session(address: str | None, workers: int | None) -> Iterator[int]:
             ray_constants.ENABLE_RAY_CLUSTER = False
             ray.init(address="local", num_cpus=workers or os.cpu_count(), **options)
         else:
-            ray.init(address=address, **options)
+            try:
+                ray.init(address=address, **options)
+            except (ConnectionError, RuntimeError, TimeoutError, ValueError) as error:
+                lines = str(error).strip().splitlines() or [type(error).__name__]
+                raise UserError(f"cannot join the Ray cluster at {address}: {lines[0]}") from error
     finally:
         # Ray's processes have their environment now; leave ours as it was,
         # so later processes (another `ray start`, a cluster job) are unaffected.

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.plan import ShardPlan
 from pipeline.shard_task import run_shard
+from shards.errors import UserError
 
 
 class _WarmUpWorkers:
@@ -113,6 +114,8 @@ def run_shards(
             window = max(2 * cpus, 4)
             in_flight: dict = {}
             while True:
+                if warm_up.error is not None:
+                    break  # raised below: stop before running hours of other shards
                 for plan, record in warm_up.drain():
                     on_done(plan, record)
                 while pending_plans and len(in_flight) < window:
@@ -128,7 +131,8 @@ def run_shards(
                     continue
                 done, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
                 for ref in done:
-                    on_done(in_flight.pop(ref), ray.get(ref))
+                    plan = in_flight.pop(ref)
+                    on_done(plan, _result_of(ref, plan))
             for plan, record in warm_up.drain():
                 on_done(plan, record)
     finally:
@@ -136,3 +140,20 @@ def run_shards(
         warm_up.join()
     if warm_up.error is not None:
         raise warm_up.error
+
+
+def _result_of(ref, plan: ShardPlan) -> dict:
+    """A finished task's record; a failed task (after Ray's retries) is one clear line.
+
+    A bad *input* never fails a task (it is rejected with a reason); what does
+    is the machine: a full disk, an unwritable --out, a lost node.
+    """
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        cause = error.cause if error.cause is not None else error
+        raise UserError(f"shard {plan.name} failed: {type(cause).__name__}: {cause}") from error
+    except ray.exceptions.RayError as error:
+        raise UserError(f"shard {plan.name} failed: {type(error).__name__}: {error}") from error

@@ -9,6 +9,7 @@ the shard is done, so a rerun recomputes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -36,6 +37,20 @@ def record_path(out_dir: Path, shard_name: str) -> Path:
 
 def stats_path(out_dir: Path, shard_name: str) -> Path:
     return work_dir(out_dir) / f"{shard_name}.stats.npz"
+
+
+def plan_digest(plan: ShardPlan, transform_config) -> str:
+    """A fingerprint of everything a shard's bytes depend on besides the codec:
+    its inputs (position, key, source, label) and the transform settings.
+
+    A rerun trusts a finished shard only if its record carries the same
+    digest, so changed inputs are redone instead of silently mixed in.
+    """
+    hasher = hashlib.sha256(repr(sorted(vars(transform_config).items())).encode())
+    for planned in plan.samples:
+        item = planned.item
+        hasher.update(f"{planned.index}\t{item.key}\t{item.source}\t{item.label}\n".encode())
+    return hasher.hexdigest()
 
 
 def _rejection(split: str, source: str, reason: str) -> dict:
@@ -112,6 +127,7 @@ def run_shard(plan: ShardPlan, transform_config, out_dir: Path) -> dict:
     record = {
         "name": plan.name,
         "split": plan.split,
+        "plan_digest": plan_digest(plan, transform_config),
         "num_inputs": len(plan.samples),
         "shard": shard,
         "rejected": rejected,
@@ -122,7 +138,7 @@ def run_shard(plan: ShardPlan, transform_config, out_dir: Path) -> dict:
     return record
 
 
-def load_finished_record(out_dir: Path, plan: ShardPlan) -> dict | None:
+def load_finished_record(out_dir: Path, plan: ShardPlan, transform_config) -> dict | None:
     """The record of a shard a previous run finished, or None to (re)do it.
 
     Cheap on purpose (stat calls, no hashing): a rerun over thousands of
@@ -134,7 +150,7 @@ def load_finished_record(out_dir: Path, plan: ShardPlan) -> dict | None:
         record = json.loads(record_path(out_dir, plan.name).read_text())
     except (OSError, ValueError):
         return None
-    if record.get("num_inputs") != len(plan.samples):
+    if record.get("plan_digest") != plan_digest(plan, transform_config):
         return None
     shard = record.get("shard")
     if shard is not None:
