@@ -10,18 +10,15 @@ the shard is done, so a rerun recomputes nothing.
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import resource
 import time
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.plan import ShardPlan
 from shards.atomic import atomic_file, dumps_json, write_text_atomic
-from shards.writer import ShardSample, is_valid_key, shard_info_dict, write_shard
+from shards.writer import ShardSample, shard_info_dict, write_shard
 
 WORK_DIR_NAME = "_work"
 
@@ -53,34 +50,25 @@ def plan_digest(plan: ShardPlan, transform_config) -> str:
     return hasher.hexdigest()
 
 
-def _rejection(split: str, source: str, reason: str) -> dict:
-    return {"split": split, "source": source, "reason": reason}
-
-
 def _processed_samples(plan: ShardPlan, transform_config, rejected: list, pixel_stats):
     """Yield shard samples for the plan, recording rejections on the way.
 
     A generator, so the shard is streamed into the tar one image at a time:
     a worker's memory does not grow with the shard size.
     """
-    from pipeline.sources import read_bytes
+    from pipeline.sources import read_bytes, rejection
     from pipeline.transform import Rejected, process_image
 
     for planned in plan.samples:
         item = planned.item
-        if not is_valid_key(item.key):
-            # WebDataset splits member names at the first dot: such a key
-            # would silently break its sample apart in every reader.
-            rejected.append(_rejection(plan.split, item.source, f"unusable key: {item.key!r}"))
-            continue
         try:
             data = read_bytes(item)
         except OSError as error:
-            rejected.append(_rejection(plan.split, item.source, f"unreadable: {error}"))
+            rejected.append(rejection(plan.split, item.source, f"unreadable: {error}"))
             continue
-        result = process_image(data, transform_config)
+        result = process_image(data, transform_config, decode_stored=pixel_stats is not None)
         if isinstance(result, Rejected):
-            rejected.append(_rejection(plan.split, item.source, result.reason))
+            rejected.append(rejection(plan.split, item.source, result.reason))
             continue
         if pixel_stats is not None:
             pixel_stats.add(result.pixels)
@@ -120,10 +108,8 @@ def run_shard(plan: ShardPlan, transform_config, out_dir: Path) -> dict:
         info = write_shard(tar_path, itertools.chain([first], samples))
         shard = shard_info_dict(info)
     if pixel_stats is not None:
-        buffer = io.BytesIO()
-        pixel_stats.save(buffer)
         with atomic_file(stats_path(out_dir, plan.name)) as handle:
-            handle.write(buffer.getvalue())
+            pixel_stats.save(handle)
     record = {
         "name": plan.name,
         "split": plan.split,
@@ -169,8 +155,3 @@ def load_partial_stats(out_dir: Path, shard_name: str):
     from pipeline.stats import PixelStats
 
     return PixelStats.load(stats_path(out_dir, shard_name))
-
-
-def peak_rss_of(records: list[dict]) -> float:
-    """The largest peak RSS (MB) any worker reported."""
-    return float(np.max([record.get("peak_rss_mb", 0.0) for record in records] or [0.0]))

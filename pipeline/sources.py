@@ -33,6 +33,7 @@ from pipeline.devkit import (
 )
 from pipeline.tarscan import TarMember, rejection_reason, scan_tar
 from shards.errors import UserError
+from shards.writer import is_valid_key
 
 LAYOUTS = ("folder", "tars", "kaggle")
 SPLITS = ("train", "val")
@@ -189,10 +190,10 @@ def _assemble(split: str, found: _Found, class_index: dict[str, int]):
     for key, wnid, source, location in found.candidates:
         if wnid is None:
             continue  # the layout already rejected it, with its reason
-        if "." in key or not key:
-            # WebDataset splits a member name at the first dot of its basename:
-            # such a key would not come back from a shard as itself.
-            rejected.append(_rejection(split, source, f"unsupported file name: key {key!r}"))
+        if not is_valid_key(key):
+            # The shard writer's rule (WebDataset splits a member name at the
+            # first dot, so such a key would not come back from a shard as itself).
+            rejected.append(rejection(split, source, f"unsupported file name: key {key!r}"))
             continue
         if key in seen:
             raise UserError(f"{split}: two inputs have the key {key!r}: {seen[key]} and {source}")
@@ -200,14 +201,15 @@ def _assemble(split: str, found: _Found, class_index: dict[str, int]):
         label = class_index.get(wnid)
         if label is None:
             reason = f"unknown class: {wnid} is not among the train classes"
-            rejected.append(_rejection(split, source, reason))
+            rejected.append(rejection(split, source, reason))
             continue
         items.append(SourceItem(split, key, wnid, label, source, location))
     items.sort(key=lambda item: item.key)
     return tuple(items), rejected
 
 
-def _rejection(split: str, source: str, reason: str) -> dict:
+def rejection(split: str, source: str, reason: str) -> dict:
+    """One row of rejected.jsonl."""
     return {"split": split, "source": source, "reason": reason}
 
 
@@ -249,7 +251,7 @@ def _list_class_folders(root: Path, split: str, split_dir: Path, found: _Found) 
     for entry in sorted(os.scandir(split_dir), key=lambda entry: entry.name):
         if not entry.is_dir() and not entry.name.startswith("."):
             source = Path(entry.path).relative_to(root).as_posix()
-            found.rejected.append(_rejection(split, source, "not inside a <wnid>/ class folder"))
+            found.rejected.append(rejection(split, source, "not inside a <wnid>/ class folder"))
     for wnid in wnids:
         wnid = sys.intern(wnid)
         for path in _files_under(split_dir / wnid):
@@ -305,7 +307,7 @@ def _label_kaggle_val(root: Path, val_dir: Path, labels: dict[str, str], found: 
         source = path.relative_to(root).as_posix()
         wnid = labels.get(key)
         if wnid is None:
-            found.rejected.append(_rejection("val", source, f"no label in {VAL_SOLUTION}"))
+            found.rejected.append(rejection("val", source, f"no label in {VAL_SOLUTION}"))
         else:
             used.add(key)
             wnid = sys.intern(wnid)
@@ -349,7 +351,7 @@ def _safe_members(tar_path: Path, split: str, prefix: str, found: _Found, start=
         reason = rejection_reason(member)
         if reason is not None:
             if found is not None:
-                found.rejected.append(_rejection(split, f"{prefix}{member.name}", reason))
+                found.rejected.append(rejection(split, f"{prefix}{member.name}", reason))
             continue
         yield member
 
@@ -363,7 +365,7 @@ def _list_train_tar(train_tar: Path, found: _Found | None, list_images: bool) ->
         if name.suffix != ".tar":
             if found is not None:
                 reason = "not a class tar (expected <wnid>.tar)"
-                found.rejected.append(_rejection("train", f"{TRAIN_TAR}:{member.name}", reason))
+                found.rejected.append(rejection("train", f"{TRAIN_TAR}:{member.name}", reason))
             continue
         wnid = sys.intern(name.stem)
         if wnid in wnids:

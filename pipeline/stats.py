@@ -14,8 +14,6 @@ images, 1700 times ImageNet's 1.28 million.
 from __future__ import annotations
 
 import io
-import os
-from pathlib import Path
 
 import numpy as np
 
@@ -75,26 +73,17 @@ class PixelStats:
         merged.pixel_sum = self.pixel_sum + other.pixel_sum
         return merged
 
-    def save(self, destination) -> None:
-        """Write to a path (atomically: temp name, fsync, rename) or a binary file object."""
-        arrays = {
-            "format": np.int64(STATS_FORMAT),
-            "size": np.int64(self.size),
-            "num_images": np.int64(self.num_images),
-            "num_pixels": np.int64(self.num_pixels),
-            "outer_sum": self.outer_sum,
-            "pixel_sum": self.pixel_sum,
-        }
-        if hasattr(destination, "write"):
-            np.savez(destination, **arrays)
-            return
-        path = Path(destination)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(temporary, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+    def save(self, handle) -> None:
+        """Write to a binary file object (callers make it atomic, e.g. ``atomic_file``)."""
+        np.savez(
+            handle,
+            format=np.int64(STATS_FORMAT),
+            size=np.int64(self.size),
+            num_images=np.int64(self.num_images),
+            num_pixels=np.int64(self.num_pixels),
+            outer_sum=self.outer_sum,
+            pixel_sum=self.pixel_sum,
+        )
 
     @classmethod
     def load(cls, source) -> PixelStats:

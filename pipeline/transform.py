@@ -48,6 +48,10 @@ RESIZE_MODES = ("center-crop", "squash")
 # Pillow's own warning threshold (about 89.5 megapixels, ~ 9459 × 9459).
 DEFAULT_MAX_PIXELS = 89_478_485
 RESAMPLE = Image.Resampling.BICUBIC
+# Pillow warns above its own pixel limit; ours is checked in _open. Set once
+# here: warnings.catch_warnings() per call is not thread-safe, and the build
+# runs this module in several threads at once.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 SUBSAMPLING_420 = 2  # Pillow's code for 4:2:0
 _JPEG_FORMATS = ("JPEG", "MPO")  # MPO: camera multi-picture files, JPEG inside
 _EXIF_ORIENTATION = 0x0112
@@ -97,8 +101,14 @@ class Rejected:
     reason: str
 
 
-def process_image(data: bytes, config: TransformConfig = TransformConfig()) -> Processed | Rejected:
-    """Turn encoded image bytes into a size×size baseline JPEG, or say why not."""
+def process_image(
+    data: bytes, config: TransformConfig = TransformConfig(), decode_stored: bool = True
+) -> Processed | Rejected:
+    """Turn encoded image bytes into a size×size baseline JPEG, or say why not.
+
+    ``decode_stored=False`` skips decoding the written JPEG back into
+    ``pixels`` (left None) where no statistics are taken (val).
+    """
     if not data:
         return Rejected("empty file")
     opened = _open(data, config.max_pixels)
@@ -136,18 +146,17 @@ def process_image(data: bytes, config: TransformConfig = TransformConfig()) -> P
             repairs.append("exif-transposed")
 
     jpg = _encode(output, config.quality)
-    with Image.open(io.BytesIO(jpg)) as stored:
-        pixels = np.asarray(stored.convert("RGB") if stored.mode != "RGB" else stored)
+    pixels = None
+    if decode_stored:
+        with Image.open(io.BytesIO(jpg)) as stored:
+            pixels = np.asarray(stored.convert("RGB") if stored.mode != "RGB" else stored)
     return Processed(jpg, orig_size, orig_mode, repairs, pixels)
 
 
 def _open(data: bytes, max_pixels: int):
     """Identify the image and check its size from the header alone."""
     try:
-        with warnings.catch_warnings():
-            # Pillow warns above its own limit; ours is checked just below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
         # Pillow refuses outright above twice its limit, before we see the size.
         match = re.search(r"\((\d+) pixels\)", str(error))

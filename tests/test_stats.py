@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.stats import PixelStats, mean_png_bytes
+from shards.atomic import atomic_file
 
 SIZE = 16
 
@@ -87,7 +88,8 @@ def test_constant_images_have_exactly_zero_variance():
 def test_save_and_load_round_trip(tmp_path):
     stats = stats_of(random_images(3))
     path = tmp_path / "part.stats.npz"
-    stats.save(path)
+    with atomic_file(path) as handle:
+        stats.save(handle)
     assert PixelStats.load(path) == stats
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part.stats.npz"]  # no temp left
     buffer = io.BytesIO()
