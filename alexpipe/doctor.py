@@ -44,9 +44,16 @@ def pillow_build() -> dict[str, object]:
     import PIL._imaging as imaging
 
     simd_version = _version("pillow-simd")
+    # Both can be installed at once (a later `pip install` puts Pillow back over
+    # Pillow-SIMD's files): what counts is whose files PIL is.
+    simd_active = (
+        simd_version is not None
+        and _version("pillow") is None
+        and PIL.__version__ in (simd_version, simd_version.split(".post")[0])
+    )
     info: dict[str, object] = {
         "version": PIL.__version__,
-        "distribution": "Pillow-SIMD" if simd_version else "Pillow",
+        "distribution": "Pillow-SIMD" if simd_active else "Pillow",
         "avx2_code": None,
     }
     objdump = shutil.which("objdump")
