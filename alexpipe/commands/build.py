@@ -140,11 +140,15 @@ def verify(directory, decode):
 
     Exits 1 and lists what is wrong on any mismatch.
     """
+    from tqdm import tqdm
+
     from shards.manifest import load_manifest
     from shards.verify import verify_shards
 
-    load_manifest(directory)
-    problems = verify_shards(directory, decode=decode)
+    manifest = load_manifest(directory)
+    total = sum(len(entry["shards"]) for entry in manifest["splits"].values())
+    with tqdm(total=total, unit="shard", desc="verify", dynamic_ncols=True) as bar:
+        problems = verify_shards(directory, decode=decode, progress=lambda _name: bar.update())
     if problems:
         for problem in problems:
             click.echo(f"FAIL {problem}", err=True)
