@@ -239,6 +239,14 @@ class DaliLoader(EpochLoader):
             finally:
                 leases.close()
 
+    def close(self) -> None:
+        """Also shut the DALI pipeline down (its threads and buffers); closing again does
+        nothing."""
+        super().close()
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None:
+            pipeline._shutdown()  # what Pipeline.__del__ does; DALI has no public close
+
     def _finish_epoch(self, drain: bool) -> None:
         """Make the pipeline ready for the next epoch.
 

@@ -84,6 +84,14 @@ def rank_batch_sizes(num_samples: int, batch_size: int, world_size: int) -> np.n
     return sizes
 
 
+def rank_batch_starts(sizes: np.ndarray, rank: int) -> np.ndarray:
+    """Where each batch of ``rank`` starts in the epoch order, for ``sizes`` from
+    :func:`rank_batch_sizes`: step by step, rank by rank inside a step."""
+    step_major = sizes.T.ravel()
+    starts = np.concatenate([[0], np.cumsum(step_major)[:-1]]).reshape(sizes.shape[1], -1)
+    return starts[:, rank]
+
+
 def num_batches(num_samples: int, batch_size: int, world_size: int) -> int:
     """Batches per rank per epoch (the same on every rank): ``len(loader)``."""
     return int(rank_batch_sizes(num_samples, batch_size, world_size).shape[1])
@@ -127,10 +135,7 @@ def plan_epoch(
         raise UserError(f"rank {rank} is outside 0..{world_size - 1}")
     order = epoch_order(shard_sizes, seed, epoch, shuffle, shuffle_window)
     sizes = rank_batch_sizes(len(order), batch_size, world_size)
-    # Global delivery order: step by step, rank by rank inside a step.
-    step_major = sizes.T.ravel()
-    starts = np.concatenate([[0], np.cumsum(step_major)[:-1]]).reshape(sizes.shape[1], -1)
-    rank_starts = starts[:, rank]
+    rank_starts = rank_batch_starts(sizes, rank)
     rank_sizes = sizes[rank]
     positions = np.concatenate(
         [order[start : start + size] for start, size in zip(rank_starts, rank_sizes, strict=True)]

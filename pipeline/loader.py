@@ -21,7 +21,6 @@ backends read from (:mod:`pipeline.staging`).
 
 from __future__ import annotations
 
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.augment import AugmentDraws, AugmentSpec, Normalize, draw_augmentation
+from pipeline.augment import AugmentDraws, AugmentSpec, Normalize
+from pipeline.augment import draw_augmentation as paper_draws
 from pipeline.augment import spec_from_stats as _spec_from_stats
 from pipeline.epochs import DEFAULT_SHUFFLE_WINDOW, EpochPlan, num_batches, plan_epoch
 from pipeline.samples import SampleReader, SplitTable, load_split_table
@@ -122,7 +122,7 @@ class EpochLoader:
         table: SplitTable,
         spec: AugmentSpec,
         config: LoaderConfig,
-        draw: DrawFunction = draw_augmentation,
+        draw: DrawFunction = paper_draws,
         staged: StagedShards | None = None,
     ):
         self.table = table
@@ -135,6 +135,7 @@ class EpochLoader:
         self._consumed = 0
         self._pending = True  # the next iteration resumes (_epoch, _consumed) as is
         self._running: weakref.ref | None = None
+        self._readers: list[SampleReader] = []
 
     def __len__(self) -> int:
         """Batches of this rank in a full epoch (equal on every rank)."""
@@ -201,8 +202,13 @@ class EpochLoader:
         )
 
     def reader(self) -> SampleReader:
-        """A sample reader for this loader's shards (staged ones are opened per read)."""
-        return SampleReader(self.table, keep_open=self.staged is None)
+        """A sample reader for this loader's shards (staged ones are opened per read),
+        closed with the loader."""
+        reader = SampleReader(
+            self.table, keep_open=self.staged is None, with_index=self.config.with_index
+        )
+        self._readers.append(reader)
+        return reader
 
     def leases(self, plan: EpochPlan, first_batch: int) -> ShardLeases | LocalLeases:
         """What holds the shards of batches ``first_batch..`` of ``plan`` while they are read."""
@@ -211,10 +217,13 @@ class EpochLoader:
         return self.staged.leases(plan, first_batch)
 
     def close(self) -> None:
-        """Stop the epoch in progress and let go of the shard cache (remote shards)."""
+        """Stop the epoch in progress, close the shard files and let go of the shard
+        cache (remote shards). Closing again does nothing."""
         running = self._running() if self._running is not None else None
         if running is not None:
             running.close()
+        for reader in self._readers:
+            reader.close()
         if self.staged is not None:
             self.staged.close()
 
@@ -342,7 +351,7 @@ def create_loader(
     if not local:
         staged = _stage_remote(source, manifest, config, loader_class, cache_dir, cache_bytes)
         table = staged.remote.table
-    draw = draw_augmentation or _default_draw
+    draw = draw_augmentation or paper_draws
     try:
         return loader_class(table, spec, config, draw, staged)
     except BaseException:
@@ -367,50 +376,3 @@ def _stage_remote(
         loader_class.batches_in_flight(config),
     )
     return StagedShards(remote, attach_cache(source, manifest, directory, cache_bytes, minimum))
-
-
-def measure_throughput(loader: EpochLoader, batches: int, warmup: int = 2) -> dict:
-    """Images per second over ``batches`` batches, after ``warmup`` batches (start-up, prefetch).
-
-    Runs through as many epochs as needed; the clock starts when the last
-    warm-up batch has arrived and covers the waits for every measured batch.
-    """
-    if batches < 1:
-        raise UserError("measure at least one batch")
-    images = measured = 0
-    started = time.perf_counter() if warmup <= 0 else None
-    while measured < batches:
-        for batch in loader:
-            if started is None:
-                warmup -= 1
-                if warmup == 0:
-                    started = time.perf_counter()
-                continue
-            images += len(batch[1])
-            measured += 1
-            if measured == batches:
-                break
-    seconds = time.perf_counter() - started
-    return {
-        "img_per_s": images / seconds,
-        "images": images,
-        "batches": measured,
-        "seconds": seconds,
-    }
-
-
-def preview_images(shards_dir, count: int = 16, seed: int = 0, **loader_arguments) -> np.ndarray:
-    """The first ``count`` train images as the trainer sees them, denormalized to uint8 HWC.
-
-    Crops, flips and lighting are kept; only the mean subtraction and
-    scaling are undone (:func:`pipeline.augment.denormalize`).
-    """
-    from pipeline.augment import denormalize
-
-    loader = create_loader(shards_dir, "train", batch_size=count, seed=seed, **loader_arguments)
-    images, _labels = next(iter(loader))
-    return denormalize(images.cpu().numpy(), loader.spec)
-
-
-def _default_draw(seed: int, epoch: int, num_samples: int, spec: AugmentSpec) -> AugmentDraws:
-    return draw_augmentation(seed, epoch, num_samples, spec)

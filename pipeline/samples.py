@@ -171,19 +171,22 @@ class SampleReader:
     shards). With ``keep_open=False`` each read opens and closes its shard
     (a few microseconds against milliseconds of decoding): what shards staged
     in a cache need, since an evicted file kept open would go on taking disk
-    space. Picklable, for DataLoader workers: open files are not carried.
+    space. With ``with_index=False`` a sample's index is its position and its
+    ``.json`` is not parsed (a loader that does not yield indices need not
+    pay for them). Picklable, for DataLoader workers: open files are not carried.
     """
 
-    def __init__(self, table: SplitTable, keep_open: bool = True):
+    def __init__(self, table: SplitTable, keep_open: bool = True, with_index: bool = True):
         self.table = table
         self.keep_open = keep_open
+        self.with_index = with_index
         self._files: collections.OrderedDict[int, int] = collections.OrderedDict()
 
     def __getstate__(self):
-        return {"table": self.table, "keep_open": self.keep_open}
+        return {"table": self.table, "keep_open": self.keep_open, "with_index": self.with_index}
 
     def __setstate__(self, state):
-        self.__init__(state["table"], state.get("keep_open", True))
+        self.__init__(state["table"], state["keep_open"], state["with_index"])
 
     def _descriptor(self, shard: int) -> int:
         descriptor = self._files.get(shard)
@@ -206,7 +209,11 @@ class SampleReader:
             os.close(descriptor)
 
     def read(self, position: int) -> tuple[np.ndarray, int, int]:
-        """(jpeg bytes as a uint8 array, label, the sample's index from KEY.json)."""
+        """(jpeg bytes as a uint8 array, label, the sample's index from KEY.json).
+
+        The index is the position when the sample has no ``.json`` (or no
+        ``index`` in it), and always without ``with_index``.
+        """
         table = self.table
         shard, start, size = (
             int(table.shard[position]),
@@ -223,7 +230,7 @@ class SampleReader:
         label = int(data[cls_at : cls_at + int(table.cls_size[position])])
         index = int(position)
         json_at = int(table.json_at[position])
-        if json_at >= 0:
+        if self.with_index and json_at >= 0:
             meta = json.loads(data[json_at : json_at + int(table.json_size[position])])
             index = int(meta.get("index", position))
         return jpg, label, index

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.epochs import EpochPlan, rank_batch_sizes
+from pipeline.epochs import EpochPlan, rank_batch_sizes, rank_batch_starts
 from pipeline.samples import SplitTable, split_table_from_indexes
 from shards.cache import ShardCache
 from shards.cache_dir import cached_name
@@ -117,8 +117,7 @@ def stretch_of_held_shards(
     """
     sizes = rank_batch_sizes(num_samples, batch_size, world_size)
     steps = sizes.shape[1]
-    step_major = sizes.T.ravel()
-    starts = np.concatenate([[0], np.cumsum(step_major)[:-1]]).reshape(steps, -1)[:, rank]
+    starts = rank_batch_starts(sizes, rank)
     ends = starts + sizes[rank]
     last = np.minimum(np.arange(steps) + batches_in_flight, steps - 1)
     low, high = starts, ends[last]

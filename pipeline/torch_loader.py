@@ -67,27 +67,26 @@ class ReferenceSamples(Dataset):
         return torch.from_numpy(image), label, index
 
 
-def planned_work(plan: EpochPlan, first_batch: int, draws) -> list[list]:
-    """The batches ``first_batch..`` of ``plan`` as lists of work items for ReferenceSamples."""
-    batches = []
-    for number in range(first_batch, plan.num_batches):
-        positions = plan.batch(number)
-        if draws is None:
-            batches.append([int(position) for position in positions])
-            continue
-        batches.append(
-            [
-                (
-                    int(position),
-                    int(draws.offset_x[position]),
-                    int(draws.offset_y[position]),
-                    bool(draws.flip[position]),
-                    np.asarray(draws.alpha[position], np.float32),
-                )
-                for position in positions
-            ]
+def batch_work(plan: EpochPlan, number: int, draws) -> list:
+    """Batch ``number`` of ``plan`` as work items for ReferenceSamples.
+
+    Built one batch at a time, as the sampler hands batches out: a whole
+    ImageNet epoch of items would take seconds and hundreds of MB up front.
+    """
+    positions = plan.batch(number)
+    if draws is None:
+        return positions.tolist()
+    return [
+        (position, offset_x, offset_y, flip, np.asarray(alpha, np.float32))
+        for position, offset_x, offset_y, flip, alpha in zip(
+            positions.tolist(),
+            draws.offset_x[positions].tolist(),
+            draws.offset_y[positions].tolist(),
+            draws.flip[positions].tolist(),
+            draws.alpha[positions],
+            strict=True,
         )
-    return batches
+    ]
 
 
 class LeasedBatches:
@@ -97,18 +96,20 @@ class LeasedBatches:
     workers, so a batch's shards are staged before any worker reads them.
     """
 
-    def __init__(self, work: list[list], first_batch: int, leases: ShardLeases | LocalLeases):
-        self.work = work
+    def __init__(self, plan: EpochPlan, first_batch: int, draws, leases: ShardLeases | LocalLeases):
+        self.plan = plan
         self.first_batch = first_batch
+        self.draws = draws
         self.leases = leases
 
     def __len__(self) -> int:
-        return len(self.work)
+        """The batches still to come: ``first_batch..`` of the plan."""
+        return max(0, self.plan.num_batches - self.first_batch)
 
     def __iter__(self):
-        for number, items in enumerate(self.work, start=self.first_batch):
+        for number in range(self.first_batch, self.plan.num_batches):
             self.leases.before_batch(number)
-            yield items
+            yield batch_work(self.plan, number, self.draws)
 
 
 class TorchLoader(EpochLoader):
@@ -128,27 +129,26 @@ class TorchLoader(EpochLoader):
         return PREFETCH_FACTOR * config.num_threads
 
     def _run(self, plan: EpochPlan, first_batch: int, draws):
-        work = planned_work(plan, first_batch, draws)
-        if not work:
+        if first_batch >= plan.num_batches:
             return
         leases = self.leases(plan, first_batch)
         try:
             # The inner generator ends (and with it the workers) before the shards go.
-            yield from self._load(work, first_batch, leases)
+            yield from self._load(LeasedBatches(plan, first_batch, draws, leases))
         finally:
             leases.close()
 
-    def _load(self, work: list[list], first_batch: int, leases: ShardLeases | LocalLeases):
-        workers = min(self.config.num_threads, len(work))
+    def _load(self, sampler: LeasedBatches):
+        workers = min(self.config.num_threads, len(sampler))
         batches = DataLoader(
             self._dataset,
-            batch_sampler=LeasedBatches(work, first_batch, leases),
+            batch_sampler=sampler,
             num_workers=workers,
             prefetch_factor=PREFETCH_FACTOR if workers else None,
             pin_memory=self._device.type == "cuda",
         )
-        for number, (images, labels, indices) in enumerate(batches, start=first_batch):
-            leases.after_batch(number)
+        for number, (images, labels, indices) in enumerate(batches, start=sampler.first_batch):
+            sampler.leases.after_batch(number)
             yield (
                 images.to(self._device, non_blocking=True),
                 labels.to(self._device),

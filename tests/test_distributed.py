@@ -2,15 +2,20 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from test_train import NUM_CLASSES, SyntheticData, small_config, train_losses
 
+from shards.errors import UserError
+from shards.manifest import MEAN_NAME
 from trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from trainer.distributed import barrier, run_distributed
 from trainer.model import AlexNet
 from trainer.run import train
 
@@ -85,3 +90,64 @@ def test_torchrun_two_nodes_on_loopback(tmp_path):
     assert record["world_size"] == 2
     assert [step for step, _ in train_losses(run_dir)] == [1, 2, 3, 4, 5, 6]
     assert load_checkpoint(run_dir / CHECKPOINT_NAME)["world_size"] == 2
+
+
+# --- errors in --nproc runs: one line, no traceback -------------------------------------------
+
+
+def _refuse_on_rank_one(context):
+    if context.rank == 1:
+        raise UserError("rank 1 refuses")
+    barrier(context)  # rank 0 waits for a peer that is gone
+
+
+def test_a_user_error_in_one_process_is_raised_by_the_parent():
+    with pytest.raises(UserError, match="^rank 1 refuses$"):
+        run_distributed(_refuse_on_rank_one, 2, "cpu")
+
+
+def _alexpipe(*args: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "alexpipe.cli", *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=240,
+    )
+
+
+def _assert_one_error_line(result: subprocess.CompletedProcess, *expected: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("alexpipe: error: "), result.stderr
+    for words in expected:
+        assert words in lines[0], lines[0]
+
+
+TINY_RUN = ["--device", "cpu", "--backend", "torch", "--num-threads", "0"]
+TINY_RUN += ["--width", "0.0625", "--batch-size", "8", "--epochs", "1"]
+
+
+def test_a_user_error_inside_the_processes_is_one_line(shard_dir, tmp_path):
+    broken = tmp_path / "shards"
+    shutil.copytree(shard_dir, broken)
+    (broken / MEAN_NAME).unlink()  # every process's loader refuses the shards
+    result = _alexpipe(
+        "train", "--shards", str(broken), "--out", str(tmp_path / "run"), "--nproc", "2", *TINY_RUN
+    )
+    _assert_one_error_line(result, "mean.npy is missing")
+
+
+def test_resume_with_another_nproc_is_one_line(shard_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    # A one-process run with what the command line gives: the shards' 3 classes.
+    config = small_config(run_dir, num_classes=3, max_steps=1)
+    train(config, make_loaders=SyntheticData())
+    result = _alexpipe(
+        "train", "--shards", str(shard_dir), "--out", str(run_dir), "--nproc", "2", "--resume",
+        *TINY_RUN,
+    )  # fmt: skip
+    _assert_one_error_line(result, "written by 1 processes", "this run has 2")
+    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["step"] == 1

@@ -12,6 +12,7 @@ import ctypes
 import json
 import math
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from PIL import Image
 from scipy import stats as scipy_stats
 
 from pipeline.augment import AugmentDraws, draw_augmentation
-from pipeline.epochs import num_batches, plan_epoch, rank_batch_sizes
+from pipeline.epochs import num_batches, plan_epoch, rank_batch_sizes, rank_batch_starts
 from pipeline.loader import create_loader
 from pipeline.samples import SampleReader, _strict_member_columns, _uniform_member_columns
 from shards.errors import UserError
@@ -107,6 +108,17 @@ def test_plan_refuses_fewer_samples_than_ranks():
         rank_batch_sizes(3, 4, 4)
 
 
+def test_rank_batch_starts_follow_the_step_major_order():
+    sizes = rank_batch_sizes(23, 4, 3)  # steps of 3 ranks: [4,4,4], [4,4,3]; ranks 8, 8, 7
+    assert [rank_batch_starts(sizes, rank).tolist() for rank in range(3)] == [
+        [0, 12],
+        [4, 16],
+        [8, 20],
+    ]
+    plan = plan_epoch([23], 4, 2, 3, seed=0, epoch=0, shuffle=False)
+    assert plan.positions.tolist() == [8, 9, 10, 11, 20, 21, 22]
+
+
 def test_split_table_reads_what_the_tars_hold(shard_dir):
     from shards.reader import iter_shard
 
@@ -129,6 +141,90 @@ def test_split_table_reads_what_the_tars_hold(shard_dir):
         np.testing.assert_array_equal(fast[ext][0], offsets)
         np.testing.assert_array_equal(fast[ext][1], sizes)
     assert _uniform_member_columns(text.replace(".json", ".txt", 1)) is None
+
+
+def test_batch_sampler_builds_each_batch_as_it_is_handed_out():
+    from pipeline.torch_loader import LeasedBatches
+
+    class RecordedLeases:
+        def __init__(self):
+            self.held = []
+
+        def before_batch(self, number):
+            self.held.append(number)
+
+    plan = plan_epoch([10, 7], 4, rank=0, world_size=1, seed=1, epoch=0)
+    draws = pinned_draws(0, 0, 17, None)
+    leases = RecordedLeases()
+    sampler = LeasedBatches(plan, 2, draws, leases)
+    assert len(sampler) == plan.num_batches - 2 == 3  # the batches still to come
+    batches = iter(sampler)
+    first = next(batches)
+    assert leases.held == [2]  # one batch at a time, its shards held first
+    assert [item[0] for item in first] == plan.batch(2).tolist()
+    for position, offset_x, offset_y, flip, alpha in first:
+        assert (offset_x, offset_y, flip) == (
+            draws.offset_x[position],
+            draws.offset_y[position],
+            draws.flip[position],
+        )
+        assert type(position) is int and type(flip) is bool and alpha.dtype == np.float32
+        np.testing.assert_array_equal(alpha, draws.alpha[position])
+    assert len(list(batches)) == 2 and leases.held == [2, 3, 4]
+    assert list(LeasedBatches(plan, 0, None, RecordedLeases()))[1] == plan.batch(1).tolist()
+
+
+def test_sample_index_is_parsed_only_when_asked(shard_dir, monkeypatch):
+    parsed, real_loads = [], json.loads
+
+    def counting_loads(text):
+        if not isinstance(text, bytes):  # manifest.json and the like, read as text
+            return real_loads(text)
+        parsed.append(text)  # a sample's .json, sliced out of its shard's bytes
+        return {"index": 1000 + len(parsed)}
+
+    monkeypatch.setattr("pipeline.samples.json.loads", counting_loads)
+    table = create_loader(shard_dir, "val", backend="torch").table
+    jpg, label, index = SampleReader(table, with_index=False).read(7)
+    assert index == 7 and not parsed
+    indexed_jpg, indexed_label, indexed = SampleReader(table).read(7)
+    assert indexed == 1001 and len(parsed) == 1
+    assert indexed_jpg.tobytes() == jpg.tobytes() and indexed_label == label
+    # The flag survives the trip to a DataLoader worker.
+    assert pickle.loads(pickle.dumps(SampleReader(table, with_index=False))).with_index is False
+    # A loader that does not yield indices never parses a .json; one that does, each once.
+    for with_index, expected in ((False, 0), (True, 13)):
+        parsed.clear()
+        loader = create_loader(
+            shard_dir, "val", batch_size=5, backend="torch", num_threads=0, with_index=with_index
+        )
+        batches = list(loader)
+        assert len(parsed) == expected and len(batches[0]) == (3 if with_index else 2)
+
+
+def open_files_under(directory) -> int:
+    """How many of this process's file descriptors are files under ``directory``."""
+    count = 0
+    for descriptor in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{descriptor}")
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            continue
+        count += target.startswith(str(directory))
+    return count
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_releases_shard_files_and_pipeline(shard_dir, backend):
+    before = open_files_under(shard_dir)
+    loader = create_loader(shard_dir, "train", batch_size=8, backend=backend, num_threads=0)
+    list(loader)
+    assert open_files_under(shard_dir) > before  # shards stay open between epochs
+    loader.close()
+    assert open_files_under(shard_dir) == before
+    if backend == "dali":
+        assert loader._pipeline is None
+    loader.close()  # again: nothing left to do
 
 
 # --- oracle: DALI against the torch reference -----------------------------------------------

@@ -15,7 +15,9 @@ behind one call that hands the worker a :class:`DistributedContext`.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +26,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as multiprocessing
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from shards.errors import UserError
 
 LOOPBACK = "127.0.0.1"
+# After one --nproc process fails, how long the others get to end by themselves.
+SHUTDOWN_GRACE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,11 @@ class DistributedContext:
 def under_torchrun() -> bool:
     """True when torchrun (or another env:// launcher) started this process."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def world_size_of(nproc: int) -> int:
+    """The number of processes a run with ``--nproc nproc`` will have (torchrun's, under it)."""
+    return int(os.environ["WORLD_SIZE"]) if under_torchrun() else nproc
 
 
 def backend_for(device_kind: str) -> str:
@@ -103,12 +113,35 @@ def context_from_store(
     return DistributedContext(rank, world_size, rank, device)
 
 
-def _spawned(rank: int, worker: Callable, world_size: int, store_path: str, device_kind: str, args):
-    context = context_from_store(rank, world_size, store_path, device_kind)
+def _error_file(directory: str, rank: int) -> Path:
+    return Path(directory) / f"error-{rank}.txt"
+
+
+def _spawned(rank: int, worker: Callable, world_size: int, directory: str, device_kind: str, args):
+    """One process of a ``--nproc`` run. A UserError is left for the parent to report
+    as one line (in the run's private directory), instead of a traceback from here."""
     try:
-        worker(context, *args)
-    finally:
-        shutdown()
+        context = context_from_store(rank, world_size, str(Path(directory) / "store"), device_kind)
+        try:
+            worker(context, *args)
+        finally:
+            shutdown()
+    except UserError as error:
+        _error_file(directory, rank).write_text(str(error), encoding="utf-8")
+        sys.exit(1)
+
+
+def _failure(error: Exception, directory: str, nproc: int) -> Exception:
+    """What a failed ``--nproc`` run raises: the first UserError of any process, or else
+    a one-line UserError for a process that died (its own output says why), or else
+    torch's exception with the traceback of an unexpected error."""
+    for rank in range(nproc):
+        path = _error_file(directory, rank)
+        if path.is_file():
+            return UserError(path.read_text(encoding="utf-8"))
+    if isinstance(error, ProcessExitedException):
+        return UserError(f"training process {error.error_index} failed (see the message above)")
+    return error
 
 
 def run_distributed(worker: Callable, nproc: int, device_kind: str, *args) -> None:
@@ -116,7 +149,8 @@ def run_distributed(worker: Callable, nproc: int, device_kind: str, *args) -> No
 
     Under torchrun: in this process, with torchrun's rank and world size.
     With ``nproc`` > 1: in ``nproc`` new local processes (``worker`` and
-    ``args`` must be picklable). Otherwise in this process, alone.
+    ``args`` must be picklable); a UserError in any of them is raised here.
+    Otherwise in this process, alone.
     """
     if under_torchrun():
         if nproc > 1:
@@ -133,13 +167,27 @@ def run_distributed(worker: Callable, nproc: int, device_kind: str, *args) -> No
     if device_kind == "cuda" and torch.cuda.device_count() < nproc:
         raise UserError(f"--nproc {nproc} needs {nproc} GPUs, {torch.cuda.device_count()} visible")
     with tempfile.TemporaryDirectory(prefix="alexpipe-rendezvous-") as directory:
-        store_path = str(Path(directory) / "store")
-        multiprocessing.spawn(
+        processes = multiprocessing.spawn(
             _spawned,
-            args=(worker, nproc, store_path, device_kind, args),
+            args=(worker, nproc, directory, device_kind, args),
             nprocs=nproc,
-            join=True,
+            join=False,
         )
+        # When one process fails torch stops the others, and says so as a warning: noise
+        # next to the one line that explains the failure.
+        spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+        level = spawn_log.level
+        spawn_log.setLevel(logging.ERROR)
+        try:
+            while not processes.join(grace_period=SHUTDOWN_GRACE_SECONDS):
+                pass
+        except (ProcessExitedException, ProcessRaisedException) as error:
+            failure = _failure(error, directory, nproc)
+            if failure is error:
+                raise
+            raise failure from None
+        finally:
+            spawn_log.setLevel(level)
 
 
 def shutdown() -> None:

@@ -25,12 +25,17 @@ from shards.manifest import write_json_atomic
 from trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from trainer.columns import ColumnAlexNet
 from trainer.config import TrainConfig
-from trainer.distributed import DistributedContext, min_over_ranks, run_distributed
+from trainer.distributed import (
+    DistributedContext,
+    min_over_ranks,
+    run_distributed,
+    world_size_of,
+)
 from trainer.engine import fit
 from trainer.metrics import METRICS_NAME, MetricsLog
 from trainer.model import AlexNet
 from trainer.schedule import create_schedule
-from trainer.session import TrainingSession, restore_session
+from trainer.session import TrainingSession, check_resumable, restore_session
 
 CONFIG_NAME = "config.json"
 
@@ -155,7 +160,8 @@ def train_worker(
 
 
 def prepare_run(config: TrainConfig) -> TrainConfig:
-    """Check the run directory and fill in what the shards decide (num_classes)."""
+    """Check the run directory (and that a ``--resume`` can continue its checkpoint),
+    and fill in what the shards decide (num_classes)."""
     out_dir = Path(config.out_dir)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if config.resume and not checkpoint_path.is_file():
@@ -168,6 +174,9 @@ def prepare_run(config: TrainConfig) -> TrainConfig:
         from trainer.data import num_classes_in
 
         config = config.replace(num_classes=num_classes_in(config.shards_dir))
+    if config.resume:
+        # Here, not only in the processes: a refusal is then one line, before any start.
+        check_resumable(load_checkpoint(checkpoint_path), config, world_size_of(config.nproc))
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out_dir)  # a checkpoint half-written by a killed run
     return config
