@@ -29,14 +29,29 @@ ray start --head --node-ip-address 127.0.0.1 --port "$port" --num-cpus 1 \
     --include-dashboard false --disable-usage-stats >"$logs/head.log" 2>&1
 ray start --address "127.0.0.1:$port" --node-ip-address 127.0.0.1 --num-cpus 1 \
     >"$logs/worker.log" 2>&1
-# Wait until the head has registered both nodes.
+# Wait until both nodes are registered, report their CPUs and run a task each
+# (so each has a worker process up, as in a cluster that has been running).
 python - "$port" <<'PY'
 import sys, time, ray
 ray.init(address=f"127.0.0.1:{sys.argv[1]}", logging_level="ERROR")
-deadline = time.monotonic() + 60
-while sum(node["Alive"] for node in ray.nodes()) < 2:
+
+
+@ray.remote(num_cpus=1)
+def node_of_task():
+    time.sleep(0.3)
+    return ray.get_runtime_context().get_node_id()
+
+
+deadline = time.monotonic() + 90
+while True:
     if time.monotonic() > deadline:
-        sys.exit("the worker node never joined")
+        sys.exit("the two nodes never both ran a task")
+    alive = sum(node["Alive"] for node in ray.nodes())
+    if alive == 2 and ray.available_resources().get("CPU", 0) >= 2:
+        nodes = set(ray.get([node_of_task.options(scheduling_strategy="SPREAD").remote()
+                             for _ in range(4)]))
+        if len(nodes) == 2:
+            break
     time.sleep(0.2)
 PY
 alexpipe build-shards --address "127.0.0.1:$port" --src "$src" --out "$out" --no-progress "$@"
