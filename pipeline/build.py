@@ -189,27 +189,37 @@ def build_shards(config: BuildConfig) -> BuildSummary:
             records[plan.name] = record
     total_images = sum(len(plan.samples) for plan in remaining)
     progress = _progress_bar(total_images, config.progress)
+    ray_shutdowns: list = []  # Ray shuts down while the outputs are written
     try:
-        if remaining:
+        try:
+            if remaining:
 
-            def finished(plan: ShardPlan, record: dict) -> None:
-                records[plan.name] = record
-                progress.update(len(plan.samples))
+                def finished(plan: ShardPlan, record: dict) -> None:
+                    records[plan.name] = record
+                    progress.update(len(plan.samples))
 
-            run_shards(
-                remaining, transform_config, out_dir, config.address, config.workers, finished
-            )
+                run_shards(
+                    remaining,
+                    transform_config,
+                    out_dir,
+                    config.address,
+                    config.workers,
+                    finished,
+                    shutdowns=ray_shutdowns,
+                )
+        finally:
+            progress.close()
+        classes = [
+            {"index": index, "wnid": wnid, "name": listing.class_names.get(wnid, "")}
+            for index, wnid in enumerate(listing.classes)
+        ]
+        summaries = write_outputs(
+            out_dir, settings, classes, list(config.splits), plans, records, list(listing.rejected)
+        )
+        shutil.rmtree(work_dir(out_dir), ignore_errors=True)
     finally:
-        progress.close()
-
-    classes = [
-        {"index": index, "wnid": wnid, "name": listing.class_names.get(wnid, "")}
-        for index, wnid in enumerate(listing.classes)
-    ]
-    summaries = write_outputs(
-        out_dir, settings, classes, list(config.splits), plans, records, list(listing.rejected)
-    )
-    shutil.rmtree(work_dir(out_dir), ignore_errors=True)
+        for thread in ray_shutdowns:
+            thread.join()
     return BuildSummary(
         out=out_dir,
         splits=summaries,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 
 from shards.errors import UserError
@@ -27,12 +28,19 @@ QUIET_ENVIRONMENT = {
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, workers: int | None) -> Iterator[int]:
+def ray_session(
+    address: str | None, workers: int | None, shutdowns: list | None = None
+) -> Iterator[int]:
     """Run a block with Ray ready; yield the number of CPUs the tasks can use.
 
     ``address=None`` starts a private instance on this machine (loopback only,
     ``workers`` CPUs); any other address (``auto``, ``HOST:PORT``,
     ``ray://...``) joins that cluster and uses all of its CPUs.
+
+    Shutting a local instance down takes a second or more (Ray waits for its
+    daemons to exit). With ``shutdowns`` (a list) the shutdown runs in a
+    thread appended to it, so the caller can finish its own work meanwhile;
+    it must join those threads before it returns.
     """
     local = address in (None, "", "local")
     import ray
@@ -75,8 +83,17 @@ def ray_session(address: str | None, workers: int | None) -> Iterator[int]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+    def shut_down() -> None:
+        ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster_mode
+
     try:
         yield max(1, int(ray.cluster_resources().get("CPU", 1)))
     finally:
-        ray.shutdown()
-        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster_mode
+        if shutdowns is None:
+            shut_down()
+        else:
+            thread = threading.Thread(target=shut_down, name="alexpipe-ray-shutdown")
+            thread.start()
+            shutdowns.append(thread)

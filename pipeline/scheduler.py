@@ -87,8 +87,12 @@ def run_shards(
     address: str | None,
     workers: int | None,
     on_done: Callable[[ShardPlan, dict], None],
+    shutdowns: list | None = None,
 ) -> None:
-    """Run every plan once; call ``on_done(plan, record)`` as each finishes."""
+    """Run every plan once; call ``on_done(plan, record)`` as each finishes.
+
+    ``shutdowns``: see :func:`pipeline.ray_runtime.ray_session`.
+    """
     import ray
 
     from pipeline.ray_runtime import ray_session
@@ -102,7 +106,7 @@ def run_shards(
     warm_up = _WarmUpWorkers(pending_plans, transform_config, out_dir, count=warm_up_threads)
     warm_up.start()
     try:
-        with ray_session(address, workers) as cpus:
+        with ray_session(address, workers, shutdowns) as cpus:
             warm_up.stop.set()
             # SPREAD: shard tasks are uniform and I/O-heavy; packing them onto
             # the driver's node would leave the rest of a cluster idle.
