@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.sources import LAYOUTS as SOURCE_LAYOUTS
@@ -35,7 +35,6 @@ class BuildConfig:
     workers: int | None = None
     address: str | None = None
     progress: bool = True
-    extra: dict = field(default_factory=dict, compare=False)
 
     def output_settings(self, resolved_layout: str) -> dict:
         """The settings recorded in manifest.json: same settings, same bytes."""
@@ -49,9 +48,3 @@ class BuildConfig:
             "exif_transpose": self.exif_transpose,
             "splits": list(self.splits),
         }
-
-    def describe(self) -> dict:
-        """A JSON-able view of the whole config (for logs and errors)."""
-        view = asdict(self)
-        view["src"], view["out"] = str(self.src), str(self.out)
-        return view

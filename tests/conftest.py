@@ -137,3 +137,15 @@ def shard_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shard_stats(shard_dir) -> dict:
     return json.loads((shard_dir / "stats.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a test module that asks for it: on shared
+    cores, spinning OpenMP threads cost more than they give."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
