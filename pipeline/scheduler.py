@@ -1,75 +1,23 @@
 """Running shard tasks: on Ray, with the driver working while Ray starts.
 
-Starting Ray takes seconds (it waits for its own daemons to come up) during
-which the CPUs are mostly idle. The driver uses that time: a thread runs
-shard tasks in-process until Ray is ready, then Ray takes the rest. Each
-shard is a pure function of its plan, so who runs it changes nothing in
-the output.
+Starting a local Ray instance takes seconds. Meanwhile processes forked
+from the driver (``warm_up``) run shards; once Ray is ready it takes the
+rest. Each shard is a pure function of its plan, so who runs it changes
+nothing in the output.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.plan import ShardPlan
+from pipeline.ray_runtime import ray_already_running, ray_session
 from pipeline.shard_task import run_shard
+from pipeline.warm_up import WarmUpProcesses
 from shards.errors import UserError
-
-
-class _WarmUpWorkers:
-    """Threads that run shards in the driver process until told to stop.
-
-    Threads, not processes: decoding, resizing, encoding and the statistics
-    release the GIL, and threads start instantly, which is the point.
-    """
-
-    def __init__(self, plans: collections.deque, transform_config, out_dir: Path, count: int):
-        self.plans = plans
-        self.transform_config = transform_config
-        self.out_dir = out_dir
-        self.finished: queue.Queue = queue.Queue()
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.threads = [
-            threading.Thread(target=self._run, name=f"alexpipe-warm-up-{index}", daemon=True)
-            for index in range(count)
-        ]
-
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
-
-    def alive(self) -> bool:
-        return any(thread.is_alive() for thread in self.threads)
-
-    def join(self, timeout: float | None = None) -> None:
-        for thread in self.threads:
-            thread.join(timeout)
-
-    def _run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                try:
-                    plan = self.plans.popleft()
-                except IndexError:
-                    return
-                record = run_shard(plan, self.transform_config, self.out_dir)
-                # The driver's RSS (listing, Ray client) is not a worker's.
-                self.finished.put((plan, dict(record, ran_in="driver")))
-        except BaseException as error:  # re-raised in the driver's thread
-            self.error = error
-
-    def drain(self) -> Iterator[tuple[ShardPlan, dict]]:
-        while True:
-            try:
-                yield self.finished.get_nowait()
-            except queue.Empty:
-                return
 
 
 def _run_shard_on_ray(plan: ShardPlan, transform_config, out_dir: str) -> dict:
@@ -93,21 +41,21 @@ def run_shards(
 
     ``shutdowns``: see :func:`pipeline.ray_runtime.ray_session`.
     """
-    import ray
-
-    from pipeline.ray_runtime import ray_session
-
     out_dir = Path(out_dir).resolve()
     pending_plans = collections.deque(plans)
     # Only a local instance is slow to start; a cluster is joined in about a
-    # second, and there every shard should run on the cluster's nodes.
-    starts_local_ray = address in (None, "", "local")
-    warm_up_threads = (workers or os.cpu_count() or 1) if starts_local_ray else 0
-    warm_up = _WarmUpWorkers(pending_plans, transform_config, out_dir, count=warm_up_threads)
-    warm_up.start()
+    # second, and there every shard should run on the cluster's nodes. A
+    # process already connected to Ray has nothing to wait for (and forking
+    # it would copy Ray's threads' locks).
+    starts_local_ray = address in (None, "", "local") and not ray_already_running()
+    warm_up_processes = (workers or os.cpu_count() or 1) if starts_local_ray else 0
+    warm_up = WarmUpProcesses(pending_plans, transform_config, out_dir, count=warm_up_processes)
+    warm_up.start()  # forks: before Ray is imported (importing it takes a second too)
     try:
+        import ray
+
         with ray_session(address, workers, shutdowns) as cpus:
-            warm_up.stop.set()
+            warm_up.stop()
             # SPREAD: shard tasks are uniform and I/O-heavy; packing them onto
             # the driver's node would leave the rest of a cluster idle.
             remote_run = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(
@@ -125,7 +73,7 @@ def run_shards(
                 while pending_plans and len(in_flight) < window:
                     try:
                         plan = pending_plans.popleft()
-                    except IndexError:  # the warm-up thread took the last one
+                    except IndexError:  # a warm-up process took the last one
                         break
                     in_flight[remote_run.remote(plan, transform_ref, str(out_dir))] = plan
                 if not in_flight:
@@ -140,7 +88,7 @@ def run_shards(
             for plan, record in warm_up.drain():
                 on_done(plan, record)
     finally:
-        warm_up.stop.set()
+        warm_up.stop()
         warm_up.join()
     if warm_up.error is not None:
         raise warm_up.error
