@@ -21,6 +21,7 @@ from pathlib import Path
 from pipeline.build_config import LAYOUTS, RESIZE_MODES, SPLITS, BuildConfig
 from pipeline.finish import MANIFEST_NAME, SplitSummary, write_outputs
 from pipeline.plan import ShardPlan, plan_build
+from pipeline.ray_runtime import check_cluster_address, is_local
 from pipeline.scheduler import run_shards
 from pipeline.shard_task import load_finished_record, work_dir
 from shards.atomic import dumps_json, remove_temporaries, write_text_atomic
@@ -161,6 +162,8 @@ def build_shards(config: BuildConfig) -> BuildSummary:
     from pipeline.transform import TransformConfig
 
     validate(config)
+    if not is_local(config.address):
+        check_cluster_address(config.address)
     started = time.perf_counter()
     layout = _resolve_layout(config)
     settings = config.output_settings(layout)

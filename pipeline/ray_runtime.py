@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import logging
 import os
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -65,6 +66,33 @@ def _lean_head_parameters() -> Iterator[None]:
         parameter.RayParams = original
 
 
+# How long a cluster's head may take to accept a TCP connection. Ray's own
+# retries on an unreachable address last minutes before they give up, so a
+# build checks first (before it spends minutes listing ImageNet).
+REACHABLE_TIMEOUT_S = 10.0
+
+
+def check_cluster_address(address: str) -> None:
+    """Fail fast, in one line, when a HOST:PORT or ray://HOST:PORT does not answer."""
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        if address == "auto":
+            return  # Ray finds the address itself (and fails fast when it cannot)
+        raise UserError(f"--address {address!r} is not auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), REACHABLE_TIMEOUT_S):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise UserError(f"cannot join the Ray cluster at {address}: {reason}") from None
+
+
+def is_local(address: str | None) -> bool:
+    """Whether ``--address`` asks for a private instance on this machine."""
+    return address in (None, "", "local")
+
+
 def ray_already_running() -> bool:
     """Whether this process is already connected to Ray (tests, notebooks).
 
@@ -89,7 +117,7 @@ def ray_session(
     thread appended to it, so the caller can finish its own work meanwhile;
     it must join those threads before it returns.
     """
-    local = address in (None, "", "local")
+    local = is_local(address)
     import ray
 
     if ray.is_initialized():  # a session the caller opened (tests, notebooks)
@@ -118,6 +146,7 @@ def ray_session(
             with _lean_head_parameters():
                 ray.init(address="local", num_cpus=workers or os.cpu_count(), **options)
         else:
+            check_cluster_address(address)
             try:
                 ray.init(address=address, **options)
             except (ConnectionError, RuntimeError, TimeoutError, ValueError) as error:

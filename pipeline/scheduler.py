@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.plan import ShardPlan
-from pipeline.ray_runtime import ray_already_running, ray_session
+from pipeline.ray_runtime import is_local, ray_already_running, ray_session
 from pipeline.shard_task import run_shard
 from pipeline.warm_up import WarmUpProcesses
 from shards.errors import UserError
@@ -47,7 +47,7 @@ def run_shards(
     # second, and there every shard should run on the cluster's nodes. A
     # process already connected to Ray has nothing to wait for (and forking
     # it would copy Ray's threads' locks).
-    starts_local_ray = address in (None, "", "local") and not ray_already_running()
+    starts_local_ray = is_local(address) and not ray_already_running()
     warm_up_processes = (workers or os.cpu_count() or 1) if starts_local_ray else 0
     warm_up = WarmUpProcesses(pending_plans, transform_config, out_dir, count=warm_up_processes)
     warm_up.start()  # forks: before Ray is imported (importing it takes a second too)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -31,6 +32,10 @@ def _bad_invocations(tmp_path):
     missing = str(tmp_path / "missing")
     empty = tmp_path / "empty"
     empty.mkdir()
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    out = str(tmp_path / "o")
     return {
         "unknown command": ["frobnicate"],
         "doctor: unknown option": ["doctor", "--bogus"],
@@ -49,6 +54,16 @@ def _bad_invocations(tmp_path):
         "build: no --src": ["build-shards", "--out", str(tmp_path / "o")],
         "build: wrong layout": ["build-shards", "--src", str(empty), "--out", "x", "--layout", "y"],
         "build: bad splits": ["build-shards", "--src", str(empty), "--out", "x", "--splits", "dev"],
+        "build: bad address": ["build-shards", "--src", str(empty), "--out", out, "--address", "x"],
+        "build: unreachable cluster": [
+            "build-shards",
+            "--src",
+            str(empty),
+            "--out",
+            out,
+            "--address",
+            f"127.0.0.1:{closed_port}",
+        ],
         "verify: missing dir": ["verify", missing],
         "verify: not shards": ["verify", str(empty)],
         "stats: missing dir": ["stats", missing],
