@@ -52,46 +52,69 @@ def run_shards(
     warm_up = WarmUpProcesses(pending_plans, transform_config, out_dir, count=warm_up_processes)
     warm_up.start()  # forks: before Ray is imported (importing it takes a second too)
     try:
-        import ray
-
         with ray_session(address, workers, shutdowns) as cpus:
             warm_up.stop()
-            # SPREAD: shard tasks are uniform and I/O-heavy; packing them onto
-            # the driver's node would leave the rest of a cluster idle.
-            remote_run = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(
-                _run_shard_on_ray
-            )
-            transform_ref = ray.put(transform_config)
-            # Bounded submission keeps the driver's memory flat on huge builds.
-            window = max(2 * cpus, 4)
-            in_flight: dict = {}
-            while True:
-                if warm_up.error is not None:
-                    break  # raised below: stop before running hours of other shards
-                for plan, record in warm_up.drain():
-                    on_done(plan, record)
-                while pending_plans and len(in_flight) < window:
-                    try:
-                        plan = pending_plans.popleft()
-                    except IndexError:  # a warm-up process took the last one
-                        break
-                    in_flight[remote_run.remote(plan, transform_ref, str(out_dir))] = plan
-                if not in_flight:
-                    if not warm_up.alive():
-                        break
-                    warm_up.join(timeout=0.05)
-                    continue
-                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
-                for ref in done:
-                    plan = in_flight.pop(ref)
-                    on_done(plan, _result_of(ref, plan))
-            for plan, record in warm_up.drain():
-                on_done(plan, record)
+            _run_rest_on_ray(pending_plans, warm_up, transform_config, out_dir, cpus, on_done)
     finally:
         warm_up.stop()
         warm_up.join()
     if warm_up.error is not None:
         raise warm_up.error
+
+
+def _run_rest_on_ray(
+    pending_plans: collections.deque,
+    warm_up: WarmUpProcesses,
+    transform_config,
+    out_dir: Path,
+    cpus: int,
+    on_done: Callable[[ShardPlan, dict], None],
+) -> None:
+    """Submit what the warm-up left as Ray tasks; report both as they finish.
+
+    Every ObjectRef lives in this frame only and is dropped before it returns
+    or raises: Ray ends the whole process when a reference is released after
+    its session shut down (and the session shuts down in the background).
+    """
+    import ray
+
+    # SPREAD: shard tasks are uniform and I/O-heavy; packing them onto the
+    # driver's node would leave the rest of a cluster idle.
+    remote_run = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(
+        _run_shard_on_ray
+    )
+    transform_ref = ray.put(transform_config)
+    # Bounded submission keeps the driver's memory flat on huge builds.
+    window = max(2 * cpus, 4)
+    in_flight: dict = {}
+    done: list = []
+    ref = None
+    try:
+        while True:
+            if warm_up.error is not None:
+                return  # run_shards raises it: stop before hours of other shards
+            for plan, record in warm_up.drain():
+                on_done(plan, record)
+            while pending_plans and len(in_flight) < window:
+                try:
+                    plan = pending_plans.popleft()
+                except IndexError:  # a warm-up process took the last one
+                    break
+                in_flight[remote_run.remote(plan, transform_ref, str(out_dir))] = plan
+            if not in_flight:
+                if not warm_up.alive():
+                    break
+                warm_up.join(timeout=0.05)
+                continue
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            for ref in done:
+                plan = in_flight.pop(ref)
+                on_done(plan, _result_of(ref, plan))
+        for plan, record in warm_up.drain():
+            on_done(plan, record)
+    finally:
+        in_flight.clear()
+        done = _ = ref = transform_ref = None
 
 
 def _result_of(ref, plan: ShardPlan) -> dict:
