@@ -140,32 +140,74 @@ def _is_gone(pid: int) -> bool:
     return state in ("Z", "X")  # a zombie no longer runs
 
 
-def test_killing_the_driver_alone_ends_its_warm_up_processes(plans, tmp_path):
-    _, src = plans
+def _start_build(src: Path, out: Path) -> tuple[subprocess.Popen, list[int]]:
+    """Start a CLI build in its own session; return it once its warm-up processes run."""
     command = [sys.executable, "-m", "alexpipe.cli", "build-shards", "--src", str(src)]
-    command += ["--out", str(tmp_path / "out"), "--workers", "2", "--shard-size", "1"]
+    command += ["--out", str(out), "--workers", "2", "--shard-size", "1"]
     command += ["--no-progress", "--max-rejected", "1"]
     driver = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    own_command = _command_line(driver.pid)
+    forks: list[int] = []
+    deadline = time.monotonic() + 60
+    while not forks and time.monotonic() < deadline and driver.poll() is None:
+        forks = [pid for pid in _children(driver.pid) if _command_line(pid) == own_command]
+        time.sleep(0.01)
+    return driver, forks
+
+
+def _session(session_id: int) -> list[int]:
+    listing = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True)
+    pairs = (map(int, line.split()) for line in listing.stdout.splitlines())
+    return [pid for pid, sid in pairs if sid == session_id and pid != os.getpid()]
+
+
+def _end_session(session_id: int) -> None:
+    """Ray, if it had started, ends with its driver; clear the session regardless."""
+    for pid in _session(session_id):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _wait_until_gone(pids: list[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not all(_is_gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return all(_is_gone(pid) for pid in pids)
+
+
+def test_killing_the_driver_alone_ends_its_warm_up_processes(plans, tmp_path):
+    _, src = plans
+    driver, forks = _start_build(src, tmp_path / "out")
     try:
-        own_command = Path(f"/proc/{driver.pid}/cmdline").read_bytes()
-        forks: list[int] = []
-        deadline = time.monotonic() + 60
-        while not forks and time.monotonic() < deadline and driver.poll() is None:
-            forks = [pid for pid in _children(driver.pid) if _command_line(pid) == own_command]
-            time.sleep(0.01)
         assert forks, "no warm-up process was seen"
         driver.kill()  # the driver only, not its process group
         driver.wait()
-        deadline = time.monotonic() + 20
-        while not all(_is_gone(pid) for pid in forks) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert all(_is_gone(pid) for pid in forks), "warm-up processes outlived the driver"
+        assert _wait_until_gone(forks, 20), "warm-up processes outlived the driver"
     finally:
-        # Ray, if it had started, ends with its driver; clear the session regardless.
-        listing = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True)
-        for line in listing.stdout.splitlines():
-            pid, sid = map(int, line.split())
-            if sid == driver.pid and pid != os.getpid():
-                os.kill(pid, signal.SIGKILL)
+        _end_session(driver.pid)
+
+
+def test_ctrl_c_during_the_warm_up_stops_everything_and_the_rerun_finishes(plans, tmp_path):
+    _, src = plans
+    out = tmp_path / "out"
+    driver, forks = _start_build(src, out)
+    try:
+        assert forks, "no warm-up process was seen"
+        os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+        assert driver.wait(timeout=60) != 0
+        assert _wait_until_gone(_session(driver.pid), 20), "processes outlived Ctrl-C"
+    finally:
+        _end_session(driver.pid)
+    assert not (out / "manifest.json").exists(), "interrupted too late to test"
+    rerun = subprocess.run(
+        [sys.executable, "-m", "alexpipe.cli", "build-shards", "--src", str(src)]
+        + ["--out", str(out), "--shard-size", "1", "--no-progress", "--max-rejected", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    verify = subprocess.run(
+        [sys.executable, "-m", "alexpipe.cli", "verify", str(out)], capture_output=True, text=True
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
