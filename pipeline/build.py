@@ -266,7 +266,13 @@ def _summary_of_complete(out_dir: Path, started: float) -> BuildSummary:
 def _progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(
+    class BuildProgress(tqdm):
+        # tqdm's monitor thread (started even for a disabled bar) would be
+        # alive when the build forks its warm-up processes; it only tunes
+        # refresh intervals, so go without it.
+        monitor_interval = 0
+
+    return BuildProgress(
         total=total,
         unit="img",
         desc="build-shards",
