@@ -24,6 +24,7 @@ from pipeline.plan import ShardPlan, plan_build
 from pipeline.ray_runtime import check_cluster_address, is_local
 from pipeline.scheduler import run_shards
 from pipeline.shard_task import load_finished_record, work_dir
+from pipeline.warm_up import RAN_IN_DRIVER
 from shards.atomic import dumps_json, remove_temporaries, write_text_atomic
 from shards.errors import UserError
 from shards.manifest import load_manifest
@@ -83,18 +84,6 @@ def validate(config: BuildConfig) -> None:
         raise UserError(f"--out {config.out} exists and is not a directory")
 
 
-def _resolve_layout(config: BuildConfig) -> str:
-    """The input layout, found from marker files only (no listing), or a UserError."""
-    from pipeline.sources import detect_layout
-
-    src = config.src
-    if not src.exists():
-        raise UserError(f"--src {src} does not exist")
-    if not src.is_dir():
-        raise UserError(f"--src {src} is not a directory")
-    return detect_layout(src.absolute()) if config.layout == "auto" else config.layout
-
-
 def _run_identity(config: BuildConfig) -> dict:
     """What, besides the settings, decides the output bytes of a run in progress:
     the input tree and the image codec. Recorded in ``_work/`` so that a rerun
@@ -117,8 +106,8 @@ def _require_same(out_dir: Path, recorded: dict, wanted: dict) -> None:
         )
 
 
-def _claim_output(out_dir: Path, settings: dict, identity: dict) -> bool:
-    """Make ``out_dir`` ours for these settings; True if it is already complete.
+def _claim_output(out_dir: Path, settings: dict, identity: dict) -> dict | None:
+    """Make ``out_dir`` ours for these settings; its manifest if it is already complete.
 
     A directory holding a build with other settings (or, mid-build, other
     inputs or codec) is refused rather than mixed: resuming only makes sense
@@ -128,7 +117,7 @@ def _claim_output(out_dir: Path, settings: dict, identity: dict) -> bool:
     if (out_dir / MANIFEST_NAME).is_file():
         manifest = load_manifest(out_dir)  # one-line errors for damaged or foreign files
         _require_same(out_dir, manifest.get("config", {}), settings)
-        return True
+        return manifest
     recorded_path = work_dir(out_dir) / SETTINGS_NAME
     wanted = {**settings, **identity}
     if recorded_path.is_file():
@@ -143,7 +132,7 @@ def _claim_output(out_dir: Path, settings: dict, identity: dict) -> bool:
         raise UserError(f"{out_dir} already holds shards that this build did not write")
     work_dir(out_dir).mkdir(exist_ok=True)
     write_text_atomic(recorded_path, dumps_json(wanted))
-    return False
+    return None
 
 
 def _difference(recorded: dict, wanted: dict) -> str:
@@ -158,18 +147,19 @@ def _difference(recorded: dict, wanted: dict) -> str:
 
 def build_shards(config: BuildConfig) -> BuildSummary:
     """Run the whole build (or finish an interrupted one); see the module docstring."""
-    from pipeline.sources import discover
+    from pipeline.sources import discover, resolve_layout
     from pipeline.transform import TransformConfig
 
     validate(config)
     if not is_local(config.address):
         check_cluster_address(config.address)
     started = time.perf_counter()
-    layout = _resolve_layout(config)
+    layout = resolve_layout(config.src, config.layout)
     settings = config.output_settings(layout)
     out_dir = config.out
-    if _claim_output(out_dir, settings, _run_identity(config)):
-        return _summary_of_complete(out_dir, started)
+    complete = _claim_output(out_dir, settings, _run_identity(config))
+    if complete is not None:
+        return _summary_of_complete(out_dir, complete, started)
     listing = discover(config.src, layout, config.splits)
     remove_temporaries(out_dir)
     remove_temporaries(work_dir(out_dir))
@@ -231,16 +221,15 @@ def build_shards(config: BuildConfig) -> BuildSummary:
         images_processed=total_images,
         wall_seconds=time.perf_counter() - started,
         peak_worker_rss_mb=max(
-            (r["peak_rss_mb"] for r in records.values() if r.get("ran_in") != "driver"),
+            (r["peak_rss_mb"] for r in records.values() if r.get("ran_in") != RAN_IN_DRIVER),
             default=0.0,
         ),
-        ray_nodes_used=len({r.get("ran_in") for r in records.values()} - {None, "driver"}),
+        ray_nodes_used=len({r.get("ran_in") for r in records.values()} - {None, RAN_IN_DRIVER}),
     )
 
 
-def _summary_of_complete(out_dir: Path, started: float) -> BuildSummary:
+def _summary_of_complete(out_dir: Path, manifest: dict, started: float) -> BuildSummary:
     """The summary of a directory a previous run already completed."""
-    manifest = json.loads((out_dir / MANIFEST_NAME).read_text())
     splits = {
         name: SplitSummary(
             num_inputs=entry["num_samples"] + entry["num_rejected"],

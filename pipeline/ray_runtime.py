@@ -112,7 +112,7 @@ def ray_session(
     ``workers`` CPUs); any other address (``auto``, ``HOST:PORT``,
     ``ray://...``) joins that cluster and uses all of its CPUs.
 
-    Shutting a local instance down takes a second or more (Ray waits for its
+    Shutting a local instance down takes up to a second (Ray waits for its
     daemons to exit). With ``shutdowns`` (a list) the shutdown runs in a
     thread appended to it, so the caller can finish its own work meanwhile;
     it must join those threads before it returns.
@@ -120,7 +120,7 @@ def ray_session(
     local = is_local(address)
     import ray
 
-    if ray.is_initialized():  # a session the caller opened (tests, notebooks)
+    if ray_already_running():  # a session the caller opened (tests, notebooks)
         yield max(1, int(ray.cluster_resources().get("CPU", 1)))
         return
     from ray._private import ray_constants
@@ -145,8 +145,7 @@ def ray_session(
             ray_constants.ENABLE_RAY_CLUSTER = False
             with _lean_head_parameters():
                 ray.init(address="local", num_cpus=workers or os.cpu_count(), **options)
-        else:
-            check_cluster_address(address)
+        else:  # build_shards checked the address answers (check_cluster_address)
             try:
                 ray.init(address=address, **options)
             except (ConnectionError, RuntimeError, TimeoutError, ValueError) as error:

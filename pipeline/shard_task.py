@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.plan import ShardPlan
 from shards.atomic import atomic_file, dumps_json, write_text_atomic
+from shards.manifest import index_name, shard_name
 from shards.writer import ShardSample, shard_info_dict, write_shard
 
 WORK_DIR_NAME = "_work"
@@ -28,12 +29,12 @@ def work_dir(out_dir: Path) -> Path:
     return Path(out_dir) / WORK_DIR_NAME
 
 
-def record_path(out_dir: Path, shard_name: str) -> Path:
-    return work_dir(out_dir) / f"{shard_name}.json"
+def record_path(out_dir: Path, plan_name: str) -> Path:
+    return work_dir(out_dir) / f"{plan_name}.json"
 
 
-def stats_path(out_dir: Path, shard_name: str) -> Path:
-    return work_dir(out_dir) / f"{shard_name}.stats.npz"
+def stats_path(out_dir: Path, plan_name: str) -> Path:
+    return work_dir(out_dir) / f"{plan_name}.stats.npz"
 
 
 def plan_digest(plan: ShardPlan, transform_config) -> str:
@@ -100,7 +101,7 @@ def run_shard(plan: ShardPlan, transform_config, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     rejected: list[dict] = []
     pixel_stats = PixelStats(transform_config.size) if plan.split == "train" else None
-    tar_path = out_dir / f"{plan.name}.tar"
+    tar_path = out_dir / shard_name(plan.split, plan.shard_index)
     samples = _processed_samples(plan, transform_config, rejected, pixel_stats)
     first = next(samples, None)
     shard = None  # every input rejected: no empty shard for loaders to trip over
@@ -143,15 +144,15 @@ def load_finished_record(out_dir: Path, plan: ShardPlan, transform_config) -> di
         tar_path = out_dir / shard["file"]
         if not tar_path.is_file() or tar_path.stat().st_size != shard["bytes"]:
             return None
-        if not tar_path.with_suffix(".idx").is_file():
+        if not (out_dir / index_name(shard["file"])).is_file():
             return None
     if plan.split == "train" and not stats_path(out_dir, plan.name).is_file():
         return None
     return record
 
 
-def load_partial_stats(out_dir: Path, shard_name: str):
+def load_partial_stats(out_dir: Path, plan_name: str):
     """The pixel statistics a finished train shard recorded."""
     from pipeline.stats import PixelStats
 
-    return PixelStats.load(stats_path(out_dir, shard_name))
+    return PixelStats.load(stats_path(out_dir, plan_name))

@@ -88,7 +88,6 @@ class SourceListing:
     """
 
     layout: str
-    root: Path
     classes: tuple[str, ...]
     class_names: dict[str, str]
     items: dict[str, tuple[SourceItem, ...]]
@@ -118,14 +117,7 @@ def discover(src, layout: str = "auto", splits: Iterable[str] = SPLITS) -> Sourc
     unknown = [split for split in splits if split not in SPLITS]
     if unknown or not splits:
         raise UserError(f"unknown split(s) {unknown}; choose from {', '.join(SPLITS)}")
-    if not root.exists():
-        raise UserError(f"--src {root} does not exist")
-    if not root.is_dir():
-        raise UserError(f"--src {root} is not a directory")
-    if layout == "auto":
-        layout = detect_layout(root)
-    elif layout not in LAYOUTS:
-        raise UserError(f"unknown layout {layout!r}; choose auto or one of {', '.join(LAYOUTS)}")
+    layout = resolve_layout(src, layout)
     lister = {"folder": _list_folder, "tars": _list_tars, "kaggle": _list_kaggle}[layout]
     classes, class_names, found = lister(root, splits)
 
@@ -141,13 +133,27 @@ def discover(src, layout: str = "auto", splits: Iterable[str] = SPLITS) -> Sourc
     rejected.sort(key=lambda row: (SPLITS.index(row["split"]), row["source"]))
     return SourceListing(
         layout=layout,
-        root=root,
         classes=tuple(classes),
         class_names={wnid: class_names.get(wnid, "") for wnid in classes},
         items=items,
         rejected=tuple(rejected),
         notes=tuple(notes),
     )
+
+
+def resolve_layout(src, layout: str = "auto") -> str:
+    """The layout of ``src`` (``layout``, or detected from marker files when
+    ``auto``; nothing is listed), or a UserError for a missing or odd ``src``."""
+    src = Path(src)
+    if not src.exists():
+        raise UserError(f"--src {src} does not exist")
+    if not src.is_dir():
+        raise UserError(f"--src {src} is not a directory")
+    if layout == "auto":
+        return detect_layout(src.absolute())
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}; choose auto or one of {', '.join(LAYOUTS)}")
+    return layout
 
 
 def detect_layout(root: Path) -> str:
@@ -247,9 +253,13 @@ def _files_under(folder: Path) -> list[Path]:
 
 def _list_class_folders(root: Path, split: str, split_dir: Path, found: _Found) -> list[str]:
     """Add every file under ``split_dir/<wnid>/`` to ``found``; return the wnids."""
-    wnids = _class_folders(split_dir)
-    for entry in sorted(os.scandir(split_dir), key=lambda entry: entry.name):
-        if not entry.is_dir() and not entry.name.startswith("."):
+    entries = sorted(
+        (entry for entry in os.scandir(split_dir) if not entry.name.startswith(".")),
+        key=lambda entry: entry.name,
+    )
+    wnids = [entry.name for entry in entries if entry.is_dir()]
+    for entry in entries:
+        if not entry.is_dir():
             source = Path(entry.path).relative_to(root).as_posix()
             found.rejected.append(rejection(split, source, "not inside a <wnid>/ class folder"))
     for wnid in wnids:
@@ -260,12 +270,17 @@ def _list_class_folders(root: Path, split: str, split_dir: Path, found: _Found) 
     return wnids
 
 
+def _list_train(root: Path, base: Path, layout: str, found: dict[str, _Found]) -> list[str]:
+    """The classes (the folders of ``base/train``), listing the train files if asked for."""
+    _require_dir(base / "train", layout, "train")
+    if "train" in found:
+        return _list_class_folders(root, "train", base / "train", found["train"])
+    return _class_folders(base / "train")
+
+
 def _list_folder(root: Path, splits: tuple[str, ...]):
     found = {split: _Found() for split in splits}
-    _require_dir(root / "train", "folder", "train")
-    classes = _class_folders(root / "train")
-    if "train" in splits:
-        _list_class_folders(root, "train", root / "train", found["train"])
+    classes = _list_train(root, root, "folder", found)
     if "val" in splits:
         _require_dir(root / "val", "folder", "val")
         _list_class_folders(root, "val", root / "val", found["val"])
@@ -275,18 +290,22 @@ def _list_folder(root: Path, splits: tuple[str, ...]):
 def _optional_names(root: Path) -> dict[str, str]:
     """Class words from a synset mapping or devkit lying in SRC, if any."""
     if (root / SYNSET_MAPPING).is_file():
-        return parse_synset_mapping((root / SYNSET_MAPPING).read_text(errors="replace"))
+        return _synset_mapping_names(root)
     devkit = find_devkit(root)
     return load_devkit(devkit).names() if devkit else {}
+
+
+def _synset_mapping_names(root: Path) -> dict[str, str]:
+    """Class words from ``SRC/LOC_synset_mapping.txt``, or none without one."""
+    if not (root / SYNSET_MAPPING).is_file():
+        return {}
+    return parse_synset_mapping((root / SYNSET_MAPPING).read_text(errors="replace"))
 
 
 def _list_kaggle(root: Path, splits: tuple[str, ...]):
     found = {split: _Found() for split in splits}
     base = root / KAGGLE_ROOT
-    _require_dir(base / "train", "kaggle", "train")
-    classes = _class_folders(base / "train")
-    if "train" in splits:
-        _list_class_folders(root, "train", base / "train", found["train"])
+    classes = _list_train(root, base, "kaggle", found)
     if "val" in splits:
         _require_dir(base / "val", "kaggle", "val")
         solution = root / VAL_SOLUTION
@@ -294,10 +313,7 @@ def _list_kaggle(root: Path, splits: tuple[str, ...]):
             raise UserError(f"kaggle layout: {solution} not found (needed for the val labels)")
         labels = parse_val_solution(solution.read_text(errors="replace"))
         _label_kaggle_val(root, base / "val", labels, found["val"])
-    names = {}
-    if (root / SYNSET_MAPPING).is_file():
-        names = parse_synset_mapping((root / SYNSET_MAPPING).read_text(errors="replace"))
-    return classes, names, found
+    return classes, _synset_mapping_names(root), found
 
 
 def _label_kaggle_val(root: Path, val_dir: Path, labels: dict[str, str], found: _Found) -> None:
