@@ -360,6 +360,18 @@ def test_resume_refuses_changed_shapes_and_world_size(tmp_path):
         check_resumable(checkpoint, config, 2)
 
 
+def test_resume_refuses_a_changed_schedule_in_one_line(tmp_path):
+    """A --schedule step checkpoint holds no plateau state: a clear refusal, not a KeyError."""
+    run_dir = tmp_path / "run"
+    train(small_config(run_dir, schedule="step", max_steps=1), make_loaders=SyntheticData())
+    with pytest.raises(UserError, match="--schedule was step in the checkpoint, now plateau"):
+        train(small_config(run_dir, resume=True), make_loaders=SyntheticData())
+    config = small_config(run_dir)
+    checkpoint = {"config": config.to_dict(), "world_size": 1}
+    with pytest.raises(UserError, match="--schedule was plateau in the checkpoint, now step"):
+        check_resumable(checkpoint, config.replace(schedule="step"), 1)
+
+
 def test_run_directory_rules(tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(UserError, match="--resume"):

@@ -15,8 +15,9 @@ SCHEDULES = ("plateau", "step")
 NORMALIZATIONS = ("paper", "channel")
 
 # Fields that must not change across --resume: they decide the shapes of the
-# saved model/optimizer or how the saved per-rank states map onto processes.
-RESUME_INVARIANTS = ("parallel", "width", "num_classes", "batch_size")
+# saved model/optimizer/schedule state or how the saved per-rank states map
+# onto processes.
+RESUME_INVARIANTS = ("parallel", "width", "num_classes", "batch_size", "schedule")
 
 
 @dataclass(frozen=True)
