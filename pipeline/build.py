@@ -164,8 +164,7 @@ def build_shards(config: BuildConfig) -> BuildSummary:
     remove_temporaries(out_dir)
     remove_temporaries(work_dir(out_dir))
 
-    items_by_split = {split: listing.items[split] for split in config.splits}
-    plans = plan_build(items_by_split, config.shard_size, config.seed)
+    plans = plan_build(listing.items, config.shard_size, config.seed)
     transform_config = TransformConfig(
         size=config.size,
         quality=config.quality,

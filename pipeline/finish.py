@@ -63,7 +63,7 @@ def write_statistics(out_dir: Path, pixel_stats) -> dict:
 
     stats, mean_image = pixel_stats.finalize()
     buffer = io.BytesIO()
-    np.save(buffer, mean_image.astype(np.float32))
+    np.save(buffer, mean_image)  # float32 already (finalize)
     write_bytes_atomic(out_dir / MEAN_NAME, buffer.getvalue())
     write_bytes_atomic(out_dir / MEAN_PNG_NAME, mean_png_bytes(mean_image))
     write_text_atomic(out_dir / STATS_NAME, dumps_json(stats))
@@ -93,7 +93,7 @@ def write_outputs(
     rejected.sort(key=lambda row: (splits.index(row["split"]), row["source"]))
 
     train_plans = [plan for plan in plans if plan.split == "train"]
-    has_stats = bool(train_plans) and any(records[p.name]["shard"] for p in train_plans)
+    has_stats = any(records[p.name]["shard"] for p in train_plans)
     if has_stats:
         write_statistics(out_dir, merge_train_statistics(out_dir, train_plans))
     write_text_atomic(

@@ -88,6 +88,11 @@ def check_cluster_address(address: str) -> None:
         raise UserError(f"cannot join the Ray cluster at {address}: {reason}") from None
 
 
+def _usable_cpus(ray) -> int:
+    """The CPUs of the cluster (or local instance) that tasks can use, at least one."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def is_local(address: str | None) -> bool:
     """Whether ``--address`` asks for a private instance on this machine."""
     return address in (None, "", "local")
@@ -121,7 +126,7 @@ def ray_session(
     import ray
 
     if ray_already_running():  # a session the caller opened (tests, notebooks)
-        yield max(1, int(ray.cluster_resources().get("CPU", 1)))
+        yield _usable_cpus(ray)
         return
     from ray._private import ray_constants
 
@@ -165,7 +170,7 @@ def ray_session(
         ray_constants.ENABLE_RAY_CLUSTER = saved_cluster_mode
 
     try:
-        yield max(1, int(ray.cluster_resources().get("CPU", 1)))
+        yield _usable_cpus(ray)
     finally:
         if shutdowns is None:
             shut_down()
