@@ -195,15 +195,10 @@ class DaliLoader(EpochLoader):
     def __init__(self, table, spec, config, draw, staged=None):
         super().__init__(table, spec, config, draw, staged)
         self._feeder = BatchFeeder(self.reader(), spec, config.is_train)
-        if config.device == "gpu":
-            self._torch_device = torch.device("cuda", torch.cuda.current_device())
-            device_id = self._torch_device.index
-        else:
-            self._torch_device, device_id = torch.device("cpu"), None
         arguments = {
             "batch_size": config.batch_size,
             "num_threads": max(1, config.num_threads),
-            "device_id": device_id,
+            "device_id": self.torch_device.index,  # None on the CPU
             "prefetch_queue_depth": PREFETCH_QUEUE_DEPTH,
             "seed": config.seed,
         }
@@ -228,7 +223,7 @@ class DaliLoader(EpochLoader):
                     return
                 copy = not self._pipeline.exec_dynamic
                 yield tuple(
-                    _to_torch(output, self._torch_device, copy)
+                    _to_torch(output, self.torch_device, copy)
                     for output in (images, labels, indices)
                 )
         finally:

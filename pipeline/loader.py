@@ -89,6 +89,15 @@ def _augment_spec(stats, mean_image, where: str, normalize: str, lighting_std: f
 # --- epoch state shared by the backends -----------------------------------------------------
 
 
+def _torch_device(device: str):
+    """The torch device batches are delivered on: the current CUDA device for ``"gpu"``."""
+    import torch  # the backends need it anyway; importing this module does not
+
+    if device == "gpu":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class LoaderConfig:
     """Run settings of a loader, resolved and validated by :func:`create_loader`."""
@@ -136,6 +145,7 @@ class EpochLoader:
         self._pending = True  # the next iteration resumes (_epoch, _consumed) as is
         self._running: weakref.ref | None = None
         self._readers: list[SampleReader] = []
+        self.torch_device = _torch_device(config.device)
 
     def __len__(self) -> int:
         """Batches of this rank in a full epoch (equal on every rank)."""
@@ -219,18 +229,14 @@ class EpochLoader:
     def close(self) -> None:
         """Stop the epoch in progress, close the shard files and let go of the shard
         cache (remote shards). Closing again does nothing."""
-        running = self._running() if self._running is not None else None
-        if running is not None:
-            running.close()
+        self._close_running()
         for reader in self._readers:
             reader.close()
         if self.staged is not None:
             self.staged.close()
 
     def __iter__(self):
-        running = self._running() if self._running is not None else None
-        if running is not None:
-            running.close()  # an abandoned epoch: stop its prefetching first
+        self._close_running()  # an abandoned epoch: stop its prefetching first
         if not self._pending:
             self._epoch, self._consumed = self._epoch + 1, 0
         self._pending = False
@@ -239,6 +245,12 @@ class EpochLoader:
         # while the loader is still whole, instead of with the loader in a reference cycle.
         self._running = weakref.ref(iteration)
         return iteration
+
+    def _close_running(self) -> None:
+        """Close the iteration in progress, if there is one."""
+        running = self._running() if self._running is not None else None
+        if running is not None:
+            running.close()
 
     def _iterate(self, epoch: int, first_batch: int):
         plan = self.plan(epoch)

@@ -118,11 +118,6 @@ class TorchLoader(EpochLoader):
     def __init__(self, table, spec, config, draw, staged=None):
         super().__init__(table, spec, config, draw, staged)
         self._dataset = ReferenceSamples(self.reader(), spec, config.ten_crop)
-        self._device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if config.device == "gpu"
-            else torch.device("cpu")
-        )
 
     @staticmethod
     def batches_in_flight(config: LoaderConfig) -> int:
@@ -145,12 +140,12 @@ class TorchLoader(EpochLoader):
             batch_sampler=sampler,
             num_workers=workers,
             prefetch_factor=PREFETCH_FACTOR if workers else None,
-            pin_memory=self._device.type == "cuda",
+            pin_memory=self.torch_device.type == "cuda",
         )
         for number, (images, labels, indices) in enumerate(batches, start=sampler.first_batch):
             sampler.leases.after_batch(number)
             yield (
-                images.to(self._device, non_blocking=True),
-                labels.to(self._device),
-                indices.to(self._device),
+                images.to(self.torch_device, non_blocking=True),
+                labels.to(self.torch_device),
+                indices.to(self.torch_device),
             )
