@@ -106,6 +106,18 @@ def test_a_user_error_in_one_process_is_raised_by_the_parent():
         run_distributed(_refuse_on_rank_one, 2, "cpu")
 
 
+def test_a_global_batch_that_does_not_divide_is_refused_before_any_process_starts(
+    tmp_path, monkeypatch
+):
+    with pytest.raises(UserError, match="--batch-size 8 .* divide evenly over 3 processes"):
+        train(small_config(tmp_path / "nproc", nproc=3), make_loaders=SyntheticData())
+    # Under torchrun its world size counts, before the process joins the group.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(UserError, match="divide evenly over 3 processes"):
+        train(small_config(tmp_path / "torchrun"), make_loaders=SyntheticData())
+
+
 def _alexpipe(*args: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(

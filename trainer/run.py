@@ -25,6 +25,7 @@ from shards.manifest import write_json_atomic
 from trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from trainer.columns import ColumnAlexNet
 from trainer.config import TrainConfig
+from trainer.data import per_process_batch_size
 from trainer.distributed import (
     DistributedContext,
     min_over_ranks,
@@ -111,7 +112,7 @@ def resolved_config_record(config: TrainConfig, context: DistributedContext) -> 
     return {
         **config.to_dict(),
         "world_size": context.world_size,
-        "per_process_batch_size": config.batch_size // context.world_size,
+        "per_process_batch_size": per_process_batch_size(config.batch_size, context.world_size),
         "torch_version": torch.__version__,
     }
 
@@ -123,7 +124,6 @@ def train_worker(
     from trainer import data
 
     make_loaders = make_loaders or data.make_loaders
-    data.per_process_batch_size(config.batch_size, context.world_size)
     out_dir = Path(config.out_dir)
     configure_determinism(config)
     seed_everything(config.seed)  # the same initial weights on every rank
@@ -179,6 +179,8 @@ def prepare_run(config: TrainConfig) -> TrainConfig:
         check_resumable(load_checkpoint(checkpoint_path), config, world_size_of(config.nproc))
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out_dir)  # a checkpoint half-written by a killed run
+    # The global batch must divide over the processes: one line, before any starts.
+    per_process_batch_size(config.batch_size, world_size_of(config.nproc))
     return config
 
 
@@ -190,9 +192,5 @@ def train(config: TrainConfig, make_loaders: LoaderFactory | None = None) -> Tra
     resolved config.
     """
     config = prepare_run(config)
-    if config.nproc > 1:
-        from trainer.data import per_process_batch_size
-
-        per_process_batch_size(config.batch_size, config.nproc)
     run_distributed(train_worker, config.nproc, config.device, config, make_loaders)
     return config
