@@ -72,12 +72,12 @@ def leftover_shards(
             continue
         index_path = path.with_suffix(".idx")
         info = by_cached_name.get(path.name)
-        size = path.stat().st_size
-        if not index_path.exists() or (info is not None and size != info.bytes):
+        status = path.stat()
+        if not index_path.exists() or (info is not None and status.st_size != info.bytes):
             path.unlink(missing_ok=True)
             index_path.unlink(missing_ok=True)
             continue
-        total = size + index_path.stat().st_size
-        found.append((path.stat().st_mtime, path.name, info, total))
+        total = status.st_size + index_path.stat().st_size
+        found.append((status.st_mtime, path.name, info, total))
     found.sort(key=lambda row: row[:2])
     return [(name, info, total) for _mtime, name, info, total in found]
