@@ -210,16 +210,20 @@ def _check_statistics(shards_dir: Path, manifest: dict, size: int) -> list[str]:
 
 
 def verify_shards(
-    shards_dir: Path, decode: bool = False, progress: Callable[[str], None] | None = None
+    shards_dir: Path,
+    decode: bool = False,
+    progress: Callable[[str], None] | None = None,
+    manifest: dict | None = None,
 ) -> list[str]:
     """Verify a shard directory; return its problems, one line each (empty = intact).
 
     Raises :class:`shards.errors.UserError` only when there is no usable
     manifest to verify against. ``progress`` is called with each shard's
-    file name after it is checked.
+    file name after it is checked. ``manifest``: the directory's manifest if
+    the caller has loaded it already.
     """
     shards_dir = Path(shards_dir)
-    manifest = load_manifest(shards_dir)
+    manifest = manifest if manifest is not None else load_manifest(shards_dir)
     num_classes = len(manifest.get("classes", []))
     size = int(manifest.get("config", {}).get("size", 256))
     problems: list[str] = []

@@ -148,7 +148,9 @@ def verify(directory, decode):
     manifest = load_manifest(directory)
     total = sum(len(entry["shards"]) for entry in manifest["splits"].values())
     with tqdm(total=total, unit="shard", desc="verify", dynamic_ncols=True) as bar:
-        problems = verify_shards(directory, decode=decode, progress=lambda _name: bar.update())
+        problems = verify_shards(
+            directory, decode=decode, progress=lambda _name: bar.update(), manifest=manifest
+        )
     if problems:
         for problem in problems:
             click.echo(f"FAIL {problem}", err=True)
