@@ -43,7 +43,7 @@ from shards.errors import UserError
 from shards.eviction import CacheEntry, eviction_order, victims_for_room
 from shards.manifest import shard_infos
 from shards.remote import ShardSource, read_index
-from shards.verified import StagingCancelled, VerifiedStream, open_verified, stage_shard
+from shards.verified import StagingCancelled, stage_shard
 from shards.writer import ShardInfo
 
 # Any plain name: only used to ask a source whether its files are local.
@@ -211,14 +211,6 @@ class ShardCache:
             entry.pins -= 1
             self._touch(entry)
             self._condition.notify_all()
-
-    def open_stream(self, name: str) -> VerifiedStream:
-        """Stream shard ``name`` from the source without caching, verified at its end.
-
-        Read it to the end (or call ``finish()``) before trusting what was read:
-        a mismatch raises :class:`ShardVerificationError` there.
-        """
-        return open_verified(self.source, self.info(name))
 
     def stats(self) -> CacheStats:
         """Bytes used and counters so far."""

@@ -287,11 +287,6 @@ def open_source(location: str | Path) -> ShardSource:
     return LocalSource(Path(text))
 
 
-def is_remote(location: str | Path) -> bool:
-    """True if shards at ``location`` must be staged before DALI can read them."""
-    return not isinstance(open_source(location), LocalSource)
-
-
 # --- reading metadata -------------------------------------------------------------------------
 
 

@@ -31,7 +31,6 @@ from shards.reader import iter_shard, sha256_of_file
 from shards.remote import (
     HttpSource,
     LocalSource,
-    is_remote,
     open_source,
     read_index,
     read_manifest,
@@ -39,7 +38,7 @@ from shards.remote import (
     read_stats,
 )
 from shards.sizes import parse_size
-from shards.verified import ShardVerificationError
+from shards.verified import ShardVerificationError, open_verified
 from shards.writer import ShardSample, write_shard
 
 NUM_TRAIN_SHARDS = 6
@@ -189,7 +188,7 @@ def shard_files_named(cache_dir: Path, name: str) -> list[str]:
 def test_half_size_cache_stages_every_shard_verified_and_stays_bounded(served, tmp_path):
     url, directory, manifest, requests = served
     source = open_source(url)
-    assert is_remote(url) and not is_remote(directory)
+    assert not isinstance(source, LocalSource) and isinstance(open_source(directory), LocalSource)
     assert read_manifest(source) == manifest
     limit = dataset_bytes(directory, manifest) // 2
     cache_dir = tmp_path / "cache"
@@ -275,7 +274,7 @@ def test_corrupt_remote_shard_is_detected_and_never_cached(served, tmp_path, cor
             cache.acquire(bad)
         assert shard_files_named(cache_dir, bad) == []
         # Streaming without the cache: the mismatch surfaces at the end of the stream.
-        with cache.open_stream(bad) as stream:
+        with open_verified(source, cache.info(bad)) as stream:
             with pytest.raises(ShardVerificationError, match=expected):
                 stream.finish()
             assert not stream.verified
@@ -294,14 +293,15 @@ def test_stale_index_is_detected(served, tmp_path):
         assert shard_files_named(tmp_path / "cache", "train-000001.tar") == []
 
 
-def test_open_stream_reads_a_shard_as_a_tar_stream(served):
+def test_open_verified_reads_a_shard_as_a_tar_stream(served):
     url, directory, manifest, _requests = served
-    with ShardCache(open_source(url), manifest, directory.parent / "unused", 10**9) as cache:
-        with cache.open_stream("val-000000.tar") as stream:
-            with tarfile.open(fileobj=stream, mode="r|") as archive:
-                names = [member.name for member in archive]
-            stream.finish()
-            assert stream.verified
+    info = shard_infos(manifest, "val")[0]
+    assert info.file == "val-000000.tar"
+    with open_verified(open_source(url), info) as stream:
+        with tarfile.open(fileobj=stream, mode="r|") as archive:
+            names = [member.name for member in archive]
+        stream.finish()
+        assert stream.verified
     extensions = ("cls", "jpg", "json")
     assert names == [f"val_0_{k}.{ext}" for k in range(SAMPLES_PER_SHARD) for ext in extensions]
 
