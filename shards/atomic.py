@@ -58,14 +58,12 @@ def atomic_file(final_path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     and the directory fsynced. If the block raises, the temporary file is
     removed and ``final_path`` is left exactly as it was.
     """
-    if mode not in ("wb", "w"):
-        raise ValueError(f"atomic_file supports modes 'wb' and 'w', not {mode!r}")
+    if mode != "wb":
+        raise ValueError(f"atomic_file writes bytes (mode 'wb'), not {mode!r}")
     final_path = Path(final_path)
     temporary = temporary_path(final_path)
     # "x": never truncate a file some other writer has open.
-    exclusive_mode = mode.replace("w", "x")
-    encoding = None if "b" in mode else "utf-8"
-    handle = open(temporary, exclusive_mode, encoding=encoding)
+    handle = open(temporary, "xb")
     try:
         yield handle
         handle.flush()
