@@ -125,7 +125,8 @@ class ShardCache:
             shard = info.file if info is not None else None
             self._entries[name] = CacheEntry(name, shard, total, ready=True, last_used=self._clock)
         with self._condition:
-            self._evict_until(self.max_bytes, protect_plan=False)
+            # Room for nothing more: evicts, oldest first, until what is there fits.
+            self._make_room(0, protect_plan=False)
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -357,12 +358,6 @@ class ShardCache:
         for entry in victims:
             self._evict(entry)
         return True
-
-    def _evict_until(self, limit: int, protect_plan: bool) -> None:
-        for entry in self._eviction_order(protect_plan):
-            if self._bytes_used() <= limit:
-                return
-            self._evict(entry)
 
     def _evict(self, entry: CacheEntry) -> None:
         path = self.cache_dir / entry.file_name
