@@ -85,7 +85,7 @@ def real_batches(arguments):
         split="train",
         batch_size=arguments.batch_size,
         backend=arguments.backend,
-        device="gpu" if arguments.device == "cuda" else "cpu",
+        device=arguments.device,
         num_threads=arguments.num_threads,
     )
     while True:

@@ -21,11 +21,6 @@ from pathlib import Path
 from shards.errors import UserError
 
 
-def loader_device(device: str) -> str:
-    """The loader's name for a trainer device ("cuda" -> "gpu")."""
-    return "gpu" if device == "cuda" else "cpu"
-
-
 def per_process_batch_size(batch_size: int, world_size: int) -> int:
     """The global batch divided over the processes (it must divide evenly)."""
     if batch_size % world_size:
@@ -97,7 +92,7 @@ def make_loaders(config, rank: int, world_size: int) -> tuple[object, object | N
     common = {
         "batch_size": per_process_batch_size(config.batch_size, world_size),
         "backend": config.backend,
-        "device": loader_device(config.device),
+        "device": config.device,
         "rank": rank,
         "world_size": world_size,
         "seed": config.seed,
@@ -136,7 +131,7 @@ def make_eval_loader(
         split="val",
         batch_size=batch_size,
         backend=backend,
-        device=loader_device(device),
+        device=device,
         num_threads=num_threads,
         normalize=normalize,
         ten_crop=ten_crop,
