@@ -7,7 +7,7 @@ registers them and turns known errors into one-line messages.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 
 import click
 
@@ -27,15 +27,6 @@ COMMAND_MODULES: dict[str, tuple[str, str]] = {
     "eval": ("alexpipe.commands.train", "eval_command"),
     "demo": ("alexpipe.commands.demo", "demo"),
 }
-
-
-def _available_commands() -> dict[str, tuple[str, str]]:
-    """The registered commands whose module exists in this checkout."""
-    found = {}
-    for name, (module, attribute) in COMMAND_MODULES.items():
-        if importlib.util.find_spec(module) is not None:
-            found[name] = (module, attribute)
-    return found
 
 
 class OneLineError(click.ClickException):
@@ -61,10 +52,10 @@ class LazyGroup(click.Group):
     and reports bad input (UserError, missing files) as one line."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(_available_commands())
+        return sorted(COMMAND_MODULES)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        entry = _available_commands().get(name)
+        entry = COMMAND_MODULES.get(name)
         if entry is None:
             return None
         module, attribute = entry
