@@ -25,6 +25,7 @@ from alexpipe.sample import (
     ODD_KINDS,
     REJECTED_KINDS,
     SampleConfig,
+    check_sample,
     plan_sample,
     write_sample,
 )
@@ -250,6 +251,16 @@ def test_same_config_gives_identical_files(samples, tmp_path, layout):
     first = tree_hashes(samples[layout].out)
     assert tree_hashes(again.out) == first and len(first) >= 3
     assert again.items == samples[layout].items
+
+
+def test_the_checked_plan_writes_the_same_files(samples, tmp_path):
+    config = small_config(tmp_path / "checked", "tars")
+    plan = check_sample(config)
+    assert plan == plan_sample(config) and len(plan.items) == len(samples["tars"].items)
+    written = write_sample(config, plan=plan)
+    assert tree_hashes(written.out) == tree_hashes(samples["tars"].out)
+    with pytest.raises(ValueError, match="another config"):
+        write_sample(small_config(tmp_path / "other", "folder"), plan=plan)
 
 
 def test_other_seed_gives_other_images(samples, tmp_path):

@@ -44,7 +44,7 @@ def sample(
         seed=seed,
         image_scale=image_scale,
     )
-    total = check_sample(config)  # bad input fails before the progress bar shows
-    with tqdm(total=total, unit="img", desc="sample", leave=False) as progress:
-        summary = write_sample(config, on_image=progress.update)
+    plan = check_sample(config)  # bad input fails before the progress bar shows
+    with tqdm(total=len(plan.items), unit="img", desc="sample", leave=False) as progress:
+        summary = write_sample(config, on_image=progress.update, plan=plan)
     click.echo(summary.describe())

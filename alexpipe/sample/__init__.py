@@ -80,13 +80,13 @@ class SampleSummary:
         )
 
 
-def check_sample(config: SampleConfig) -> int:
+def check_sample(config: SampleConfig) -> SamplePlan:
     """Raise UserError if ``config`` cannot be written (bad values, ``out`` not
-    a new or empty directory); otherwise return how many images it will write,
-    for a progress bar."""
+    a new or empty directory); otherwise return its plan (``len(plan.items)``
+    images, for a progress bar), which :func:`write_sample` can take."""
     plan = plan_sample(config)
     _check_out(Path(config.out))
-    return len(plan.items)
+    return plan
 
 
 def _check_out(out: Path) -> None:
@@ -98,16 +98,24 @@ def _check_out(out: Path) -> None:
 
 
 def write_sample(
-    config: SampleConfig, on_image: Callable[[], object] | None = None
+    config: SampleConfig,
+    on_image: Callable[[], object] | None = None,
+    *,
+    plan: SamplePlan | None = None,
 ) -> SampleSummary:
     """Write the sample described by ``config`` under ``config.out``.
 
     ``on_image`` is called once per image written (e.g. a progress bar's
-    ``update``). Raises UserError for a bad config or a non-empty ``out``.
+    ``update``). ``plan``: this config's plan from :func:`check_sample`, so
+    that it is not drawn twice. Raises UserError for a bad config or a
+    non-empty ``out``.
     """
     from alexpipe.sample.layouts import WRITERS  # loads scipy, needed only to write
 
-    plan = plan_sample(config)
+    if plan is None:
+        plan = plan_sample(config)
+    elif plan.config != config:
+        raise ValueError("write_sample: the plan is of another config")
     out = Path(config.out)
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ realistic-size images per second on one core, no per-pixel Python.
 from __future__ import annotations
 
 import colorsys
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -49,12 +50,18 @@ class ImageSpec:
     style: ClassStyle
 
 
+@functools.lru_cache(maxsize=16)
+def _style_offsets(seed: int) -> tuple[float, float, float]:
+    """The seeded (hue, angle, frequency) offsets shared by all classes."""
+    hue_offset, angle_offset, frequency_offset = np.random.default_rng([seed, 0x57E1]).random(3)
+    return hue_offset, angle_offset, frequency_offset
+
+
 def class_style(label: int, num_classes: int, seed: int) -> ClassStyle:
     """The signature of class ``label``: hues evenly spread around the colour
     wheel (from a seeded offset), angles and frequencies on golden-ratio
     sequences so neighbouring hues differ in texture too."""
-    rng = np.random.default_rng([seed, 0x57E1])
-    hue_offset, angle_offset, frequency_offset = rng.random(3)
+    hue_offset, angle_offset, frequency_offset = _style_offsets(seed)
     hue = (hue_offset + label / num_classes) % 1.0
     angle = math.pi * ((angle_offset + label * GOLDEN) % 1.0)
     frequency = 3.0 + 9.0 * ((frequency_offset + label * GOLDEN * GOLDEN) % 1.0)
