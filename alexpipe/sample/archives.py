@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from shards.atomic import atomic_file
 
 # 2012-06-01 00:00 UTC, around when ILSVRC-2012 was released.
 ARCHIVE_MTIME = 1_338_508_800
@@ -61,12 +62,10 @@ def gzip_bytes(data: bytes) -> bytes:
 def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
     """Stream (name, data) members into a tar at ``path``, written under a
     temporary name first so a half-written archive is never mistaken for one."""
-    temporary = path.with_name(path.name + ".partial")
-    with open(temporary, "wb") as stream:
+    with atomic_file(path) as stream:
         with tarfile.open(fileobj=stream, mode="w", format=TAR_FORMAT) as archive:
             for name, data in members:
                 add_file(archive, name, data)
-    os.replace(temporary, path)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
