@@ -18,7 +18,7 @@ import numpy as np
 import scipy.io
 
 from alexpipe.sample.archives import TAR_FORMAT, add_directory, add_file, gzip_bytes
-from alexpipe.sample.plan import NOUNS, WNID_RANGE, SampleClass, SampleItem
+from alexpipe.sample.plan import NOUNS, WNID_RANGE, SampleClass, SampleItem, seeded_order
 
 DEVKIT_ROOT = "ILSVRC2012_devkit_t12"
 META_PATH = f"{DEVKIT_ROOT}/data/meta.mat"
@@ -50,9 +50,7 @@ class Synset:
 def leaf_ids(classes: Sequence[SampleClass], seed: int) -> dict[str, int]:
     """wnid -> ILSVRC2012_ID (1..C), a seeded permutation of label order that
     is never the sorted-wnid order itself (when there are two classes or more)."""
-    order = np.random.default_rng([seed, 0x1D5]).permutation(len(classes))
-    if len(classes) > 1 and np.array_equal(order, np.arange(len(classes))):
-        order = order[::-1]
+    order = seeded_order(len(classes), seed, 0x1D5)
     return {sample_class.wnid: int(order[sample_class.label]) + 1 for sample_class in classes}
 
 

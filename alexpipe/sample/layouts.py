@@ -25,7 +25,7 @@ from alexpipe.sample.devkit import (
 )
 from alexpipe.sample.images import encode_jpeg, render_image
 from alexpipe.sample.oddities import encode_odd
-from alexpipe.sample.plan import SampleItem, SamplePlan
+from alexpipe.sample.plan import SampleItem, SamplePlan, seeded_order
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -57,10 +57,7 @@ def _rendered(items: Iterable[SampleItem], on_image: OnImage) -> Iterator[tuple[
 def _shuffled(values: Sequence, seed: int, stream: int) -> list:
     """A seeded permutation of ``values`` (given sorted) that is never the
     sorted order itself, so a reader relying on archive order is caught."""
-    order = np.random.default_rng([seed, 0x5F1, stream]).permutation(len(values))
-    if len(values) > 1 and np.array_equal(order, np.arange(len(values))):
-        order = order[::-1]
-    return [values[index] for index in order]
+    return [values[index] for index in seeded_order(len(values), seed, 0x5F1, stream)]
 
 
 def write_folder(plan: SamplePlan, out: Path, on_image: OnImage) -> list[Path]:

@@ -110,6 +110,16 @@ class SamplePlan:
         return tuple(item for item in self.items if item.split == split)
 
 
+def seeded_order(size: int, *seed_words: int) -> np.ndarray:
+    """A permutation of ``range(size)`` seeded by ``seed_words`` that is never
+    the identity (when ``size`` > 1: it is then reversed), so that a reader
+    relying on sorted order is caught."""
+    order = np.random.default_rng(list(seed_words)).permutation(size)
+    if size > 1 and np.array_equal(order, np.arange(size)):
+        order = order[::-1]
+    return order
+
+
 def check_config(config: SampleConfig) -> None:
     """Raise UserError, in one line, for a config that cannot be written."""
     if config.layout not in LAYOUTS:
