@@ -26,8 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.augment import AugmentDraws, AugmentSpec, Normalize
 from pipeline.augment import draw_augmentation as paper_draws
 from pipeline.augment import spec_from_stats as _spec_from_stats
@@ -43,10 +41,10 @@ from pipeline.staging import (
     read_remote_split,
 )
 from shards.errors import UserError
-from shards.manifest import MEAN_NAME, load_manifest, load_stats
 from shards.remote import (
     LocalSource,
     ShardSource,
+    SourceFileMissing,
     open_source,
     read_manifest,
     read_mean,
@@ -58,32 +56,19 @@ DEVICES = ("cpu", "gpu")
 DrawFunction = Callable[[int, int, int, AugmentSpec], AugmentDraws]
 
 
-def load_augment_spec(
-    shards_dir: Path, manifest: dict, normalize: str, lighting_std: float
-) -> AugmentSpec:
-    """The augmentation description from ``stats.json`` and ``mean.npy`` of a shard dir."""
-    stats = load_stats(shards_dir, manifest)
-    mean_path = Path(shards_dir) / MEAN_NAME
-    try:
-        mean_image = np.load(mean_path)
-    except FileNotFoundError:
-        raise UserError(f"{mean_path} is missing; rebuild the shards") from None
-    return _augment_spec(stats, mean_image, str(shards_dir), normalize, lighting_std)
-
-
 def read_augment_spec(
     source: ShardSource, manifest: dict, normalize: str, lighting_std: float
 ) -> AugmentSpec:
-    """:func:`load_augment_spec` for any shard location (``shards.remote``)."""
-    stats, mean_image = read_stats(source, manifest), read_mean(source, manifest)
-    return _augment_spec(stats, mean_image, source.location, normalize, lighting_std)
-
-
-def _augment_spec(stats, mean_image, where: str, normalize: str, lighting_std: float):
+    """The augmentation description from ``stats.json`` and ``mean.npy`` of a shard location
+    (a local directory or :mod:`shards.remote`)."""
+    try:
+        stats, mean_image = read_stats(source, manifest), read_mean(source, manifest)
+    except SourceFileMissing as error:
+        raise UserError(f"{error}; rebuild the shards") from None
     try:
         return _spec_from_stats(stats, mean_image, normalize, lighting_std)
     except (KeyError, ValueError) as error:
-        raise UserError(f"{where}: unusable stats.json or mean.npy ({error})") from None
+        raise UserError(f"{source.location}: unusable stats.json or mean.npy ({error})") from None
 
 
 # --- epoch state shared by the backends -----------------------------------------------------
@@ -348,13 +333,10 @@ def create_loader(
     )
     source = open_source(shards_dir if isinstance(shards_dir, Path) else str(shards_dir))
     local = isinstance(source, LocalSource)
+    manifest = read_manifest(source)
     if local:
-        manifest = load_manifest(source.directory)
         table = load_split_table(source.directory, split, manifest)
-        spec = load_augment_spec(source.directory, manifest, normalize, lighting_std)
-    else:
-        manifest = read_manifest(source)
-        spec = read_augment_spec(source, manifest, normalize, lighting_std)
+    spec = read_augment_spec(source, manifest, normalize, lighting_std)
     if backend == "dali":
         from pipeline.dali_pipes import DaliLoader as loader_class
     else:

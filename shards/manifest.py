@@ -88,17 +88,6 @@ def check_format(manifest: Any, label: str) -> dict:
     return manifest
 
 
-def load_stats(shards_dir: Path, manifest: dict | None = None) -> dict:
-    """Load the dataset statistics named by the manifest (``stats.json``)."""
-    shards_dir = Path(shards_dir)
-    manifest = manifest if manifest is not None else load_manifest(shards_dir)
-    name = manifest.get("stats") or STATS_NAME
-    stats = _read_json(shards_dir / name, "statistics")
-    if not isinstance(stats, dict):
-        raise UserError(f"{shards_dir / name}: expected a JSON object")
-    return stats
-
-
 def split_entry(manifest: dict, split: str) -> dict:
     """The manifest's section for ``split``; a UserError names the splits there are."""
     splits = manifest["splits"]

@@ -308,7 +308,7 @@ def read_bytes(source: ShardSource, name: str, limit: int = METADATA_LIMIT) -> b
 
 def _read_json(source: ShardSource, name: str, what: str) -> Any:
     try:
-        return json.loads(read_bytes(source, name))
+        return json.loads(read_bytes(source, name).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{source.describe(name)}: cannot read {what} ({error})") from None
 

@@ -22,7 +22,6 @@ from shards.manifest import (
     FORMAT,
     index_paths,
     load_manifest,
-    load_stats,
     shard_name,
     shard_paths,
     write_json_atomic,
@@ -34,6 +33,7 @@ from shards.reader import (
     iter_shard,
     read_shard_info,
 )
+from shards.remote import LocalSource, read_stats
 from shards.verify import verify_shards
 from shards.writer import ShardSample, write_shard
 
@@ -396,7 +396,7 @@ def test_manifest_paths_and_stats(shard_dir):
     manifest = load_manifest(shard_dir)
     assert manifest["splits"]["train"]["num_samples"] == 7
     assert [path.name for path in index_paths(shard_dir, "val")] == ["val-000000.idx"]
-    assert load_stats(shard_dir)["scale"] == "0-255"
+    assert read_stats(LocalSource(shard_dir), manifest)["scale"] == "0-255"
     with pytest.raises(UserError, match=r"split 'test' is not in the shards \(available: train"):
         shard_paths(shard_dir, "test")
     # Written with a trailing newline, indented, and nothing left beside it.

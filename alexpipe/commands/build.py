@@ -163,10 +163,11 @@ def verify(directory, decode):
 @click.option("--json", "as_json", is_flag=True, help="Print stats.json as it is.")
 def stats(directory, as_json):
     """Print the dataset statistics (mean, std, RGB PCA) readably."""
-    from shards.manifest import load_manifest, load_stats
+    from shards.manifest import load_manifest
+    from shards.remote import LocalSource, read_stats
 
     manifest = load_manifest(directory)
-    values = load_stats(directory, manifest)
+    values = read_stats(LocalSource(directory), manifest)
     if as_json:
         click.echo(json.dumps(values, indent=2))
         return
