@@ -55,10 +55,10 @@ def leaf_ids(classes: Sequence[SampleClass], seed: int) -> dict[str, int]:
 
 
 def build_synsets(
-    classes: Sequence[SampleClass], seed: int, train_counts: dict[str, int]
+    classes: Sequence[SampleClass], ids: dict[str, int], seed: int, train_counts: dict[str, int]
 ) -> list[Synset]:
-    """All synsets in ID order: the leaves, then groups of leaves, then a root."""
-    ids = leaf_ids(classes, seed)
+    """All synsets in ID order: the leaves (``ids``: their :func:`leaf_ids`), then
+    groups of leaves, then a root."""
     leaves = sorted(
         (
             Synset(ids[c.wnid], c.wnid, c.words, c.gloss, (), 0, train_counts.get(c.wnid, 0))

@@ -75,12 +75,14 @@ def write_tars(plan: SamplePlan, out: Path, on_image: OnImage) -> list[Path]:
     """The three official archives: a tar of per-class tars for train, a flat
     val tar in shuffled order, and the devkit with meta.mat and ground truth."""
     seed = plan.config.seed
-    train = plan.split_items("train")
     val = plan.split_items("val")
+    train_of: dict[str, list[SampleItem]] = {c.wnid: [] for c in plan.classes}
+    for item in plan.split_items("train"):
+        train_of[item.wnid].append(item)
 
     def class_tars() -> Iterator[tuple[str, bytes]]:
         for sample_class in _shuffled(plan.classes, seed, CLASS_TARS_ORDER):
-            members = [item for item in train if item.wnid == sample_class.wnid]
+            members = train_of[sample_class.wnid]
             shuffled = _shuffled(members, seed, CLASS_MEMBERS_ORDER + sample_class.label)
             yield f"{sample_class.wnid}.tar", tar_bytes(_rendered(shuffled, on_image))
 
@@ -88,9 +90,10 @@ def write_tars(plan: SamplePlan, out: Path, on_image: OnImage) -> list[Path]:
     write_tar(out / TRAIN_TAR, class_tars())
     write_tar(out / VAL_TAR, _rendered(_shuffled(val, seed, VAL_TAR_ORDER), on_image))
 
-    train_counts = {c.wnid: sum(item.wnid == c.wnid for item in train) for c in plan.classes}
-    meta = meta_mat_bytes(build_synsets(plan.classes, seed, train_counts))
-    ground_truth = ground_truth_text(val, leaf_ids(plan.classes, seed))
+    train_counts = {wnid: len(members) for wnid, members in train_of.items()}
+    ids = leaf_ids(plan.classes, seed)
+    meta = meta_mat_bytes(build_synsets(plan.classes, ids, seed, train_counts))
+    ground_truth = ground_truth_text(val, ids)
     write_bytes(out / DEVKIT_ARCHIVE, devkit_archive_bytes(meta, ground_truth))
     return [Path(TRAIN_TAR), Path(VAL_TAR), Path(DEVKIT_ARCHIVE)]
 
