@@ -53,6 +53,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResu
     from alexpipe.sample import SampleConfig, write_sample
     from pipeline.build import build_shards
     from pipeline.build_config import BuildConfig
+    from trainer.checkpoint import CHECKPOINT_NAME
     from trainer.config import TrainConfig
     from trainer.evaluation import evaluate_checkpoint
     from trainer.run import train
@@ -86,7 +87,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResu
     build_shards(BuildConfig(src=sample_dir, out=shards_dir, shard_size=100, seed=config.seed))
 
     say(f"[3/4] train: AlexNet (width {config.width}) on CPU, {config.backend} loader -> {run_dir}")
-    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint = run_dir / CHECKPOINT_NAME
     train_config = TrainConfig(
         shards_dir=str(shards_dir),
         out_dir=str(run_dir),
