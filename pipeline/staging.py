@@ -30,7 +30,6 @@ the shard location is ``http(s)://``, ``s3://`` or ``pipe:``
 from __future__ import annotations
 
 import atexit
-import hashlib
 import shutil
 import tempfile
 import threading
@@ -45,6 +44,7 @@ from pipeline.samples import SplitTable, split_table_from_indexes
 from shards.cache import ShardCache
 from shards.cache_dir import cached_name
 from shards.errors import UserError
+from shards.index import IndexDigest
 from shards.manifest import index_name, shard_infos
 from shards.remote import ShardSource, read_index
 
@@ -59,11 +59,7 @@ class RemoteSplit:
     table: SplitTable
     names: tuple[str, ...]  # shard file names, in manifest order
     shard_bytes: tuple[int, ...]  # tar + index, as the cache counts them
-    index_digests: tuple[str, ...]  # sha256 of the index text the table was built from
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    indexes: tuple[IndexDigest, ...]  # of the index texts the table was built from
 
 
 def read_remote_split(
@@ -84,13 +80,14 @@ def read_remote_split(
                 f"{location} lists {count} samples, the manifest {info.num_samples}; "
                 "the index and the manifest are from different builds"
             )
+    indexes = tuple(IndexDigest.of(text.encode("ascii")) for text in texts)
     return RemoteSplit(
         table=table,
         names=tuple(info.file for info in infos),
         shard_bytes=tuple(
-            info.bytes + len(text.encode("ascii")) for info, text in zip(infos, texts, strict=True)
+            info.bytes + index.bytes for info, index in zip(infos, indexes, strict=True)
         ),
-        index_digests=tuple(_digest(text.encode("ascii")) for text in texts),
+        indexes=indexes,
     )
 
 
@@ -282,25 +279,42 @@ class StagedShards:
         self.remote = remote
         self.cache = cache
         self._closed = False
+        self._checked: set[int] = set()  # shards whose staged index is known to be the table's
         for number, name in enumerate(remote.names):
             if cache.path_of(name) != remote.table.paths[number]:
                 raise AssertionError(f"{name}: the table and the cache disagree on its path")
+        # The cache stages these shards against the index texts the table was built from.
+        cache.know_indexes(dict(zip(remote.names, remote.indexes, strict=True)))
 
     def acquire(self, shard: int) -> Path:
         """Wait until shard number ``shard`` is staged and verified, and hold it."""
         name = self.remote.names[shard]
         path = self.cache.acquire(name)
-        try:
-            # The table was built from the index read at start; the staged one is the tar's own.
-            if _digest(path.with_suffix(".idx").read_bytes()) != self.remote.index_digests[shard]:
-                raise UserError(
-                    f"{name}: the index this loader started with does not describe the "
-                    "verified tar (the shards changed at their location); start again"
-                )
-        except BaseException:
-            self.cache.release(name)
-            raise
+        if shard not in self._checked:
+            try:
+                self._check_index(shard, path)
+            except BaseException:
+                self.cache.release(name)
+                raise
+            self._checked.add(shard)
         return path
+
+    def _check_index(self, shard: int, path: Path) -> None:
+        """The staged index must be the one the table was built from.
+
+        The cache stages a shard (again, after an eviction) only with the
+        index the tar yields and that matches the digest it was first given
+        for it; so once that digest is this loader's and the copy there now
+        matches it (one a previous run left was never checked), every later
+        copy does too: checked once per shard.
+        """
+        index = self.remote.indexes[shard]
+        staged = IndexDigest.of(path.with_suffix(".idx").read_bytes())
+        if self.cache.known_index(self.remote.names[shard]) != index or staged != index:
+            raise UserError(
+                f"{self.remote.names[shard]}: the index this loader started with does not "
+                "describe the verified tar (the shards changed at their location); start again"
+            )
 
     def release(self, shard: int) -> None:
         self.cache.release(self.remote.names[shard])

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from shards.cache_dir import cached_name, claim_cache_dir, leftover_shards
 from shards.errors import UserError
 from shards.eviction import CacheEntry, eviction_order, victims_for_room
+from shards.index import IndexDigest
 from shards.manifest import shard_infos
 from shards.remote import ShardSource, read_index
 from shards.verified import StagingCancelled, stage_shard
@@ -99,6 +100,7 @@ class ShardCache:
         self._plan: dict[str, int] = {}  # shard -> position in the prefetch order
         self._consumed: set[str] = set()  # shards of the plan acquired since it was set
         self._claimed: set[str] = set()  # picked by a prefetch thread, not yet reserved
+        self._indexes: dict[str, IndexDigest] = {}  # shard -> its index, as first told
         self._clock = 0
         self._counts = {"downloads": 0, "hits": 0, "evictions": 0}
         self._threads: list[threading.Thread] = []
@@ -143,6 +145,19 @@ class ShardCache:
         if self._local:
             return self.source.local_path(name)
         return self.cache_dir / cached_name(info)
+
+    def know_indexes(self, indexes: Mapping[str, IndexDigest]) -> None:
+        """Digests of index files already read from the source (a loader reads them to build
+        its table): staging checks the index it builds from a tar against these instead of
+        fetching the file again. The first digest given for a shard is kept."""
+        with self._condition:
+            for name, index in indexes.items():
+                self._indexes.setdefault(name, index)
+
+    def known_index(self, name: str) -> IndexDigest | None:
+        """The digest staged copies of shard ``name`` are checked against, if given."""
+        with self._condition:
+            return self._indexes.get(name)
 
     def prefetch(self, order: Iterable[str]) -> None:
         """Stage shards in the background in ``order`` (the order they will be acquired).
@@ -252,17 +267,17 @@ class ShardCache:
     def _stage(self, info: ShardInfo, demand: bool) -> bool:
         """Stage ``info``; True when done (and, on demand, held). False: someone else did it."""
         file_name = cached_name(info)
-        index_text = read_index(self.source, info.file)
-        needed = info.bytes + len(index_text.encode("ascii"))
+        with self._condition:
+            if self._not_to_stage(info, file_name, demand):
+                return False
+            index = self._indexes.get(info.file)
+        if index is None:  # nobody read it yet: fetch it
+            index = IndexDigest.of(read_index(self.source, info.file).encode("ascii"))
+        needed = info.bytes + index.bytes
         deadline = time.monotonic() + self.space_wait_seconds
         with self._condition:
             while True:
-                self._check_open(cancel=not demand)
-                unwanted = not demand and (
-                    info.file in self._consumed or info.file not in self._plan
-                )
-                if file_name in self._entries or unwanted:
-                    self._claimed.discard(info.file)
+                if self._not_to_stage(info, file_name, demand):
                     return False
                 # Prefetch threads reserve in plan order, or a later shard could take
                 # the room the next one needs.
@@ -277,11 +292,11 @@ class ShardCache:
             self._entries[file_name] = entry
             self._counts["downloads"] += 1
         try:
-            written = stage_shard(
+            stage_shard(
                 self.source,
                 info,
                 self.cache_dir / file_name,
-                index_text,
+                index,
                 should_stop=lambda: self._closed,
             )
         except BaseException as error:
@@ -292,13 +307,22 @@ class ShardCache:
                 self._condition.notify_all()
             raise
         with self._condition:
-            entry.bytes, entry.ready = written, True
+            entry.ready = True
             self._touch(entry)
             if demand:
                 entry.pins += 1
                 self._consumed.add(info.file)
             self._condition.notify_all()
         return True
+
+    def _not_to_stage(self, info: ShardInfo, file_name: str, demand: bool) -> bool:
+        """Someone else staged it, or (prefetching) it is no longer wanted. Condition held."""
+        self._check_open(cancel=not demand)
+        unwanted = not demand and (info.file in self._consumed or info.file not in self._plan)
+        if file_name in self._entries or unwanted:
+            self._claimed.discard(info.file)
+            return True
+        return False
 
     def _prefetch_loop(self) -> None:
         while True:

@@ -21,6 +21,7 @@ members with the same name before that dot. Fields are read with
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -48,6 +49,19 @@ class IndexSample:
 
     key: str
     components: tuple[IndexComponent, ...]
+
+
+@dataclass(frozen=True)
+class IndexDigest:
+    """An index file's sha256 and size: enough to check a copy of it (and to count its bytes)
+    without keeping its text."""
+
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def of(cls, data: bytes) -> IndexDigest:
+        return cls(hashlib.sha256(data).hexdigest(), len(data))
 
 
 def split_name(name: str) -> tuple[str, str]:

@@ -20,7 +20,7 @@ from typing import IO
 
 from shards.atomic import atomic_file, write_text_atomic
 from shards.errors import UserError
-from shards.index import build_index
+from shards.index import IndexDigest, build_index
 from shards.reader import iter_members
 from shards.remote import CHUNK_BYTES, ShardSource
 from shards.writer import ShardInfo
@@ -109,15 +109,16 @@ def stage_shard(
     source: ShardSource,
     info: ShardInfo,
     tar_path: Path,
-    index_text: str,
+    index: IndexDigest,
     should_stop: Callable[[], bool] = lambda: False,
-) -> int:
-    """Download shard ``info`` to ``tar_path`` (index beside it), verified; return bytes written.
+) -> None:
+    """Download shard ``info`` to ``tar_path`` with its index beside it, verified.
 
     The tar is written under a temporary name; its size and sha256 are
-    checked against ``info`` and ``index_text`` against the tar's members
-    before the index and then the tar get their final names. Any failure
-    removes the temporary file and raises (a ``UserError`` saying which shard).
+    checked against ``info``, and the index built from the tar's members
+    against ``index`` (the digest of the index file at the source), before
+    the index and then the tar get their final names. Any failure removes
+    the temporary file and raises (a ``UserError`` saying which shard).
     """
     tar_path = Path(tar_path)
     with atomic_file(tar_path) as handle:
@@ -129,11 +130,11 @@ def stage_shard(
             stream.finish()
         handle.flush()
         members = iter_members(Path(handle.name))
-        if build_index(member.as_tuple() for member in members) != index_text:
+        index_text = build_index(member.as_tuple() for member in members)
+        if IndexDigest.of(index_text.encode("utf-8")) != index:
             raise ShardVerificationError(
                 f"{info.file}: its index file does not describe the verified tar; "
                 f"the copy at {source.describe(info.file)} has a stale or corrupt .idx"
             )
         # The index first: a tar under its final name always has its index.
         write_text_atomic(tar_path.with_suffix(".idx"), index_text)
-    return info.bytes + len(index_text.encode("ascii"))
