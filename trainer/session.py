@@ -121,8 +121,9 @@ def save_session(session: TrainingSession) -> None:
     context = session.context
     # Dropout masks and augmentation streams differ per rank, so each rank's
     # generators and loader position are kept.
-    rng_states = gather_objects(capture_rng_state(), context)
-    loader_states = gather_objects(loader_state(session.train_loader), context)
+    gathered = gather_objects((capture_rng_state(), loader_state(session.train_loader)), context)
+    rng_states = [rng for rng, _ in gathered]
+    loader_states = [loader for _, loader in gathered]
     if not context.is_main:
         return
     window = session.window
