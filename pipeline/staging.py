@@ -42,7 +42,7 @@ import numpy as np
 from pipeline.epochs import EpochPlan, rank_batch_sizes, rank_batch_starts
 from pipeline.samples import SplitTable, split_table_from_indexes
 from shards.cache import ShardCache
-from shards.cache_dir import cached_name
+from shards.cache_dir import cached_name, staged_bytes
 from shards.errors import UserError
 from shards.index import IndexDigest
 from shards.manifest import index_name, shard_infos
@@ -85,7 +85,7 @@ def read_remote_split(
         table=table,
         names=tuple(info.file for info in infos),
         shard_bytes=tuple(
-            info.bytes + index.bytes for info, index in zip(infos, indexes, strict=True)
+            staged_bytes(info, index) for info, index in zip(infos, indexes, strict=True)
         ),
         indexes=indexes,
     )

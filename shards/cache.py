@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.cache_dir import cached_name, claim_cache_dir, leftover_shards
+from shards.cache_dir import cached_name, claim_cache_dir, leftover_shards, staged_bytes
 from shards.errors import UserError
 from shards.eviction import CacheEntry, eviction_order, victims_for_room
 from shards.index import IndexDigest
@@ -273,7 +273,7 @@ class ShardCache:
             index = self._indexes.get(info.file)
         if index is None:  # nobody read it yet: fetch it
             index = IndexDigest.of(read_index(self.source, info.file).encode("ascii"))
-        needed = info.bytes + index.bytes
+        needed = staged_bytes(info, index)
         deadline = time.monotonic() + self.space_wait_seconds
         with self._condition:
             while True:

@@ -17,6 +17,7 @@ from typing import IO
 
 from shards.atomic import remove_temporaries
 from shards.errors import UserError
+from shards.index import IndexDigest
 from shards.writer import ShardInfo
 
 LOCK_NAME = ".lock"
@@ -27,6 +28,11 @@ CACHED_NAME = re.compile(r"(?P<stem>[A-Za-z0-9][A-Za-z0-9._-]*)\.(?P<digest>[0-9
 def cached_name(info: ShardInfo) -> str:
     """The file name of a shard in the cache: ``train-000000.<sha256[:16]>.tar``."""
     return f"{info.file.removesuffix('.tar')}.{info.sha256[:DIGEST_LENGTH]}.tar"
+
+
+def staged_bytes(info: ShardInfo, index: IndexDigest) -> int:
+    """What a staged shard takes in the cache: its tar and its index."""
+    return info.bytes + index.bytes
 
 
 def claim_cache_dir(cache_dir: Path) -> IO[str]:
