@@ -20,6 +20,13 @@ NORMALIZATIONS = ("paper", "channel")
 RESUME_INVARIANTS = ("parallel", "width", "num_classes", "batch_size", "schedule")
 
 
+def default_device() -> str:
+    """``--device``'s default: "cuda" when a CUDA device is available, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; saved as RUN/config.json.

@@ -8,6 +8,7 @@ import torch
 
 from shards.errors import UserError
 from trainer.checkpoint import load_checkpoint
+from trainer.config import default_device
 from trainer.engine import evaluate
 from trainer.model import AlexNet
 
@@ -40,7 +41,7 @@ def evaluate_checkpoint(
     CUDA when available. ``cache_dir``/``cache_size`` stage remote shards
     (http(s)://, s3://, pipe:) through a verified local cache.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available (use --device cpu)")
     checkpoint = load_checkpoint(Path(checkpoint_path))

@@ -13,12 +13,6 @@ CACHE_DIR_HELP = "Local directory for remote shards (default: a temporary one)."
 CACHE_SIZE_HELP = "Size limit of that cache, e.g. 50G (default: twice the minimum)."
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @click.command("train")
 @click.option("--shards", "shards_dir", required=True, help=SHARDS_HELP)
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Run directory.")
@@ -54,10 +48,10 @@ def _default_device() -> str:
 @click.option("--cache-size", help=CACHE_SIZE_HELP + " Split among a node's processes.")
 def train(compile_model: bool, device: str | None, **options) -> None:
     """Train AlexNet on a shard directory (the paper's recipe by default)."""
-    from trainer.config import TrainConfig
+    from trainer.config import TrainConfig, default_device
     from trainer.run import train as run_training
 
-    config = TrainConfig(device=device or _default_device(), compile=compile_model, **options)
+    config = TrainConfig(device=device or default_device(), compile=compile_model, **options)
     resolved = run_training(config)
     click.echo(f"run directory: {resolved.out_dir} (config.json, checkpoint.pt, metrics.jsonl)")
 
@@ -88,7 +82,6 @@ def eval_command(
 
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    device = device or _default_device()
     results = evaluate_checkpoint(
         shards_dir,
         checkpoint_path,
