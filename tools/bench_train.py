@@ -32,20 +32,28 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.loader import create_loader  # noqa: E402
 from shards.manifest import load_manifest, num_classes  # noqa: E402
-from trainer.columns import ColumnAlexNet  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.distributed import DistributedContext  # noqa: E402
 from trainer.engine import measure_batches, to_device, train_step  # noqa: E402
-from trainer.model import AlexNet  # noqa: E402
+from trainer.run import build_network, build_optimizer  # noqa: E402
 
 
-def build_model(arguments, classes: int) -> torch.nn.Module:
-    if arguments.parallel == "columns":
-        count = torch.cuda.device_count() if arguments.device == "cuda" else 0
-        devices = ("cuda:0", "cuda:1") if count >= 2 else ((arguments.device,) * 2)
-        return ColumnAlexNet(classes, width=arguments.width, devices=devices)
-    model = AlexNet(classes, width=arguments.width).to(arguments.device)
-    if arguments.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+def train_config(arguments, classes: int) -> TrainConfig:
+    """The trainer's config for the benchmarked network (the paper's recipe otherwise)."""
+    return TrainConfig(
+        shards_dir=str(arguments.shards),
+        out_dir="",  # nothing is written
+        device=arguments.device,
+        parallel="columns" if arguments.parallel == "columns" else "ddp",
+        num_classes=classes,
+        width=arguments.width,
+        channels_last=arguments.channels_last,
+    )
+
+
+def build_model(config: TrainConfig) -> torch.nn.Module:
+    """The network as alexpipe train builds it, in one process."""
+    return build_network(config, DistributedContext(device=config.device))
 
 
 def _synchronize(device: str) -> None:
@@ -125,8 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
         ("real", real_batches(arguments)),
     ):
         torch.manual_seed(0)
-        model = build_model(arguments, classes)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        config = train_config(arguments, classes)
+        model = build_model(config)
+        optimizer = build_optimizer(model, config)
         measured = run_steps(model, optimizer, batches, arguments.steps, arguments)
         result[f"{name}_img_per_s"] = round(measured["img_per_s"], 1)
         result[f"{name}_data_wait_frac"] = round(measured["data_wait_frac"], 3)
