@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.loader import create_loader  # noqa: E402
 from shards.manifest import load_manifest, num_classes  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
+from trainer.config import TrainConfig, default_device  # noqa: E402
 from trainer.distributed import DistributedContext  # noqa: E402
 from trainer.engine import measure_batches, to_device, train_step  # noqa: E402
 from trainer.run import build_network, build_optimizer  # noqa: E402
@@ -103,9 +103,7 @@ def real_batches(arguments):
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=Path, required=True)
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"]
-    )
+    parser.add_argument("--device", default=default_device(), choices=["cuda", "cpu"])
     parser.add_argument("--backend", default="dali", choices=["dali", "torch"])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50)
