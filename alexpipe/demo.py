@@ -51,8 +51,8 @@ class DemoResult:
 def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
     """Run the four steps; ``say`` reports progress in words."""
     from alexpipe.sample import SampleConfig, write_sample
-    from pipeline.build import build_shards
-    from pipeline.build_config import BuildConfig
+    from pipeline.build.config import BuildConfig
+    from pipeline.build.job import build_shards
     from trainer.checkpoint import CHECKPOINT_NAME
     from trainer.config import TrainConfig
     from trainer.evaluation import evaluate_checkpoint

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.augment import (
+from pipeline.load.augment import (
     Normalize,
     center_draws,
     channel_shift,

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from alexpipe.sample import REJECTED_KINDS, SampleConfig, write_sample
-from pipeline.build import build_shards
-from pipeline.build_config import BuildConfig
-from pipeline.ray_runtime import ray_session
+from pipeline.build.config import BuildConfig
+from pipeline.build.job import build_shards
+from pipeline.build.ray_runtime import ray_session
 from shards.reader import iter_shard
 
 ALEXPIPE = [sys.executable, "-m", "alexpipe.cli"]

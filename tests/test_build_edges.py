@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.build import build_shards
-from pipeline.build_config import BuildConfig
-from pipeline.plan import plan_split
-from pipeline.shard_task import load_finished_record, run_shard
-from pipeline.sources import discover
-from pipeline.transform import TransformConfig
+from pipeline.build.config import BuildConfig
+from pipeline.build.job import build_shards
+from pipeline.build.plan import plan_split
+from pipeline.build.shard_task import load_finished_record, run_shard
+from pipeline.build.sources import discover
+from pipeline.build.transform import TransformConfig
 from shards.errors import UserError
 
 
@@ -58,7 +58,7 @@ def test_a_rerun_with_another_source_is_refused(tmp_path):
     shutil.copytree(first, second)
     out = tmp_path / "out"
     # An interrupted build of `first`: its settings are recorded, no manifest yet.
-    from pipeline.build import _claim_output, _run_identity
+    from pipeline.build.job import _claim_output, _run_identity
 
     settings = BuildConfig(src=first, out=out).output_settings("folder")
     assert not _claim_output(out, settings, _run_identity(BuildConfig(src=first, out=out)))

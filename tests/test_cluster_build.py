@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from alexpipe.sample import SampleConfig, write_sample
-from pipeline.build import build_shards
-from pipeline.build_config import BuildConfig
+from pipeline.build.config import BuildConfig
+from pipeline.build.job import build_shards
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_node_ray_build.sh"
 

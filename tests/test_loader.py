@@ -21,10 +21,10 @@ from click.testing import CliRunner
 from PIL import Image
 from scipy import stats as scipy_stats
 
-from pipeline.augment import AugmentDraws, draw_augmentation
-from pipeline.epochs import num_batches, plan_epoch, rank_batch_sizes, rank_batch_starts
-from pipeline.loader import create_loader
-from pipeline.samples import SampleReader, _strict_member_columns, _uniform_member_columns
+from pipeline.load.augment import AugmentDraws, draw_augmentation
+from pipeline.load.epochs import num_batches, plan_epoch, rank_batch_sizes, rank_batch_starts
+from pipeline.load.loader import create_loader
+from pipeline.load.samples import SampleReader, _strict_member_columns, _uniform_member_columns
 from shards.errors import UserError
 
 BACKENDS = ["dali", "torch"]
@@ -144,7 +144,7 @@ def test_split_table_reads_what_the_tars_hold(shard_dir):
 
 
 def test_batch_sampler_builds_each_batch_as_it_is_handed_out():
-    from pipeline.torch_loader import LeasedBatches
+    from pipeline.load.torch_loader import LeasedBatches
 
     class RecordedLeases:
         def __init__(self):
@@ -183,7 +183,7 @@ def test_sample_index_is_parsed_only_when_asked(shard_dir, monkeypatch):
         parsed.append(text)  # a sample's .json, sliced out of its shard's bytes
         return {"index": 1000 + len(parsed)}
 
-    monkeypatch.setattr("pipeline.samples.json.loads", counting_loads)
+    monkeypatch.setattr("pipeline.load.samples.json.loads", counting_loads)
     table = create_loader(shard_dir, "val", backend="torch").table
     jpg, label, index = SampleReader(table, with_index=False).read(7)
     assert index == 7 and not parsed

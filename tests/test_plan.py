@@ -1,6 +1,6 @@
 """The shard plan: deterministic, complete, and independent of how work runs."""
 
-from pipeline.plan import plan_build, plan_split
+from pipeline.build.plan import plan_build, plan_split
 
 
 def test_train_plan_is_a_seeded_permutation_cut_into_shards():

@@ -32,10 +32,10 @@ def test_no_object_reference_outlives_the_build_session(tmp_path):
         import contextlib
         from pathlib import Path
         import ray
-        import pipeline.scheduler as scheduler
+        import pipeline.build.scheduler as scheduler
         from alexpipe.sample import SampleConfig, write_sample
-        from pipeline.build import build_shards
-        from pipeline.build_config import BuildConfig
+        from pipeline.build.job import build_shards
+        from pipeline.build.config import BuildConfig
 
         session = scheduler.ray_session
         alive_at_exit = []
@@ -72,7 +72,7 @@ def test_the_local_head_runs_without_monitors_and_listens_on_loopback():
     result = _run_script(
         """
         import subprocess
-        from pipeline.ray_runtime import ray_session
+        from pipeline.build.ray_runtime import ray_session
 
         with ray_session(None, 1):
             import os

@@ -21,8 +21,8 @@ import torch
 from click.testing import CliRunner
 from conftest import build_shard_dir
 
-from pipeline.loader import create_loader
-from pipeline.staging import describe_bytes
+from pipeline.load.loader import create_loader
+from pipeline.load.staging import describe_bytes
 from shards.atomic import is_temporary
 from shards.errors import UserError
 from shards.index import parse_index

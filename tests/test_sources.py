@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import scipy.io
 
-from pipeline.devkit import parse_meta_mat, parse_val_solution
-from pipeline.sources import discover, read_bytes
-from pipeline.tarscan import TarMember, rejection_reason, scan_tar
+from pipeline.build.devkit import parse_meta_mat, parse_val_solution
+from pipeline.build.sources import discover, read_bytes
+from pipeline.build.tarscan import TarMember, rejection_reason, scan_tar
 from shards.errors import UserError
 
 TRAIN_WNIDS = ["n01440764", "n01443537", "n02102040"]

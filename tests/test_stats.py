@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.stats import PixelStats, mean_png_bytes
+from pipeline.build.stats import PixelStats, mean_png_bytes
 from shards.atomic import atomic_file
 
 SIZE = 16

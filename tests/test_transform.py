@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from pipeline.transform import Processed, Rejected, TransformConfig, process_image
+from pipeline.build.transform import Processed, Rejected, TransformConfig, process_image
 
 RED, BLUE, GREEN = (220, 20, 30), (20, 40, 210), (30, 200, 40)
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from alexpipe.sample import SampleConfig, write_sample
-from pipeline.plan import plan_build
-from pipeline.shard_task import run_shard, work_dir
-from pipeline.sources import discover
-from pipeline.transform import TransformConfig
-from pipeline.warm_up import RAN_IN_DRIVER, WarmUpProcesses
+from pipeline.build.plan import plan_build
+from pipeline.build.shard_task import run_shard, work_dir
+from pipeline.build.sources import discover
+from pipeline.build.transform import TransformConfig
+from pipeline.build.warm_up import RAN_IN_DRIVER, WarmUpProcesses
 from shards.errors import UserError
 
 

@@ -145,7 +145,7 @@ def run_plain(corpus: Path, work: Path, plain_pillow: bool = True) -> tuple[floa
 
 
 def _kernel_task(arguments):
-    from pipeline.shard_task import run_shard
+    from pipeline.build.shard_task import run_shard
 
     plan, transform_config, out_dir = arguments
     return run_shard(plan, transform_config, Path(out_dir))
@@ -153,9 +153,9 @@ def _kernel_task(arguments):
 
 def run_bound(corpus: Path, work: Path, workers: int, shard_size: int) -> float:
     """alexpipe's shard kernel on every core with a process pool (no Ray)."""
-    from pipeline.plan import plan_build
-    from pipeline.sources import discover
-    from pipeline.transform import TransformConfig
+    from pipeline.build.plan import plan_build
+    from pipeline.build.sources import discover
+    from pipeline.build.transform import TransformConfig
 
     out = work / "bound"
     shutil.rmtree(out, ignore_errors=True)
@@ -171,8 +171,8 @@ def run_bound(corpus: Path, work: Path, workers: int, shard_size: int) -> float:
 
 
 def run_alexpipe(corpus: Path, work: Path, workers: int, shard_size: int):
-    from pipeline.build import build_shards
-    from pipeline.build_config import BuildConfig
+    from pipeline.build.config import BuildConfig
+    from pipeline.build.job import build_shards
 
     out = work / "alexpipe"
     shutil.rmtree(out, ignore_errors=True)

@@ -38,8 +38,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.finish import write_statistics  # noqa: E402
-from pipeline.stats import PixelStats  # noqa: E402
+from pipeline.build.finish import write_statistics  # noqa: E402
+from pipeline.build.stats import PixelStats  # noqa: E402
 from shards.manifest import write_json_atomic  # noqa: E402
 from shards.writer import ShardSample, shard_info_dict, write_shard  # noqa: E402
 
@@ -156,7 +156,7 @@ def endless(make_iterable):
 
 
 def alexpipe_rate(shards_dir: Path, backend: str, batch_size: int, threads: int, batches: int):
-    from pipeline.loader import create_loader
+    from pipeline.load.loader import create_loader
 
     loader = create_loader(
         shards_dir, "train", batch_size=batch_size, backend=backend, num_threads=threads
@@ -198,9 +198,9 @@ def webdataset_rate(shards_dir: Path, batch_size: int, workers: int, batches: in
 
 def dali_decode_rate(shards_dir: Path, batch_size: int, threads: int, batches: int):
     """DALI decoding whole 256×256 images, fed like the loader, nothing else."""
-    from pipeline.dali_pipes import BatchFeeder, decode_only_pipeline
-    from pipeline.loader import create_loader
-    from pipeline.samples import SampleReader
+    from pipeline.load.dali_pipes import BatchFeeder, decode_only_pipeline
+    from pipeline.load.loader import create_loader
+    from pipeline.load.samples import SampleReader
 
     loader = create_loader(shards_dir, "train", batch_size=batch_size, num_threads=threads)
     feeder = BatchFeeder(SampleReader(loader.table), loader.spec, train=False)

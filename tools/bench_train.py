@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.loader import create_loader  # noqa: E402
+from pipeline.load.loader import create_loader  # noqa: E402
 from shards.manifest import load_manifest, num_classes  # noqa: E402
 from trainer.config import TrainConfig, default_device  # noqa: E402
 from trainer.distributed import DistributedContext  # noqa: E402

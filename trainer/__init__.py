@@ -3,7 +3,7 @@
 - ``model``: the paper's network (two columns as grouped convolutions).
 - ``columns``: the same network split over two devices (model parallelism).
 - ``config``: :class:`TrainConfig`, the frozen settings of a run.
-- ``data``: the one call into :mod:`pipeline.loader`.
+- ``data``: the one call into :mod:`pipeline.load.loader`.
 - ``engine``: ``train_one_epoch``, ``evaluate``, ``fit``.
 - ``session`` / ``checkpoint``: the run's state and RUN/checkpoint.pt.
 - ``schedule``: learning-rate schedules; ``metrics``: metrics.jsonl, curves.png.

@@ -1,4 +1,4 @@
-"""The one place the trainer gets its data: :mod:`pipeline.loader` (SPEC §6).
+"""The one place the trainer gets its data: :mod:`pipeline.load.loader` (SPEC §6).
 
 The training loop itself accepts any iterable of ``(images, labels)``
 batches with a ``len()``; these functions build the real ones. The train
@@ -87,7 +87,7 @@ def make_loaders(config, rank: int, world_size: int) -> tuple[object, object | N
     On GPU, call after ``torch.cuda.set_device`` so the loader runs on this
     process's GPU.
     """
-    from pipeline.loader import create_loader
+    from pipeline.load.loader import create_loader
 
     common = {
         "batch_size": per_process_batch_size(config.batch_size, world_size),
@@ -121,7 +121,7 @@ def make_eval_loader(
     cache_size: str | None = None,
 ):
     """The val loader for ``alexpipe eval`` (one process; ``cache_dir`` is used as is)."""
-    from pipeline.loader import create_loader
+    from pipeline.load.loader import create_loader
     from shards.sizes import parse_size
 
     if not has_split(shards_dir, "val"):

@@ -90,8 +90,8 @@ def build_shards(
     missing shards are made; the result is byte-identical to an
     uninterrupted build.
     """
-    from pipeline.build import build_shards as run_build
-    from pipeline.build_config import BuildConfig
+    from pipeline.build.config import BuildConfig
+    from pipeline.build.job import build_shards as run_build
 
     config = BuildConfig(
         src=src,

@@ -36,8 +36,8 @@ TILE_GAP = 4  # pixels between preview tiles
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_loader(shards_dir, backend, device, split, batches, batch_size, num_threads, as_json):
     """Measure a loader's images/s on real shards, as the trainer would consume it."""
-    from pipeline.loader import create_loader
-    from pipeline.loader_tools import measure_throughput
+    from pipeline.load.loader import create_loader
+    from pipeline.load.loader_tools import measure_throughput
 
     loader = create_loader(
         shards_dir,
@@ -81,7 +81,7 @@ def preview(shards_dir, out, count, backend, seed, lighting_std):
     """Write a grid of augmented train crops (crop, flip, lighting), denormalized."""
     from PIL import Image
 
-    from pipeline.loader_tools import preview_images
+    from pipeline.load.loader_tools import preview_images
 
     images = preview_images(
         shards_dir, count, seed=seed, backend=backend, lighting_std=lighting_std

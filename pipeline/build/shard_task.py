@@ -16,7 +16,7 @@ import resource
 import time
 from pathlib import Path
 
-from pipeline.plan import ShardPlan
+from pipeline.build.plan import ShardPlan
 from shards.atomic import atomic_file, dumps_json, write_text_atomic
 from shards.manifest import index_name, shard_name
 from shards.writer import ShardSample, shard_info_dict, write_shard
@@ -57,8 +57,8 @@ def _processed_samples(plan: ShardPlan, transform_config, rejected: list, pixel_
     A generator, so the shard is streamed into the tar one image at a time:
     a worker's memory does not grow with the shard size.
     """
-    from pipeline.sources import read_bytes, rejection
-    from pipeline.transform import Rejected, process_image
+    from pipeline.build.sources import read_bytes, rejection
+    from pipeline.build.transform import Rejected, process_image
 
     for planned in plan.samples:
         item = planned.item
@@ -95,7 +95,7 @@ def run_shard(plan: ShardPlan, transform_config, out_dir: Path) -> dict:
     last file written, so a record on disk means everything before it is
     complete; without one, the shard is simply redone (same bytes).
     """
-    from pipeline.stats import PixelStats
+    from pipeline.build.stats import PixelStats
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -153,6 +153,6 @@ def load_finished_record(out_dir: Path, plan: ShardPlan, transform_config) -> di
 
 def load_partial_stats(out_dir: Path, plan_name: str):
     """The pixel statistics a finished train shard recorded."""
-    from pipeline.stats import PixelStats
+    from pipeline.build.stats import PixelStats
 
     return PixelStats.load(stats_path(out_dir, plan_name))

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from pipeline.loader import EpochLoader, create_loader
+from pipeline.load.loader import EpochLoader, create_loader
 from shards.errors import UserError
 
 
@@ -45,9 +45,9 @@ def preview_images(shards_dir, count: int = 16, seed: int = 0, **loader_argument
     """The first ``count`` train images as the trainer sees them, denormalized to uint8 HWC.
 
     Crops, flips and lighting are kept; only the mean subtraction and
-    scaling are undone (:func:`pipeline.augment.denormalize`).
+    scaling are undone (:func:`pipeline.load.augment.denormalize`).
     """
-    from pipeline.augment import denormalize
+    from pipeline.load.augment import denormalize
 
     loader = create_loader(shards_dir, "train", batch_size=count, seed=seed, **loader_arguments)
     try:

@@ -1,12 +1,12 @@
 """Remote shards for the loaders: staged into a local cache, held as the epoch plan needs them.
 
-DALI and :class:`~pipeline.samples.SampleReader` read local files, so when
+DALI and :class:`~pipeline.load.samples.SampleReader` read local files, so when
 the shard location is ``http(s)://``, ``s3://`` or ``pipe:``
 (:mod:`shards.remote`) the loader reads through a bounded, verified
 :class:`~shards.cache.ShardCache`:
 
 - At start the split's index files are fetched (a few at a time) and the
-  :class:`~pipeline.samples.SplitTable` points at the names the verified
+  :class:`~pipeline.load.samples.SplitTable` points at the names the verified
   tars will have in the cache; nothing else is downloaded yet.
 - Each epoch, the cache is told the order in which this rank's plan first
   reads the shards and prefetches them in that order. Before a batch is
@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.epochs import EpochPlan, rank_batch_sizes, rank_batch_starts
-from pipeline.samples import SplitTable, split_table_from_indexes
+from pipeline.load.epochs import EpochPlan, rank_batch_sizes, rank_batch_starts
+from pipeline.load.samples import SplitTable, split_table_from_indexes
 from shards.cache import ShardCache
 from shards.cache_dir import cached_name, staged_bytes
 from shards.errors import UserError

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.sources import LAYOUTS as SOURCE_LAYOUTS
-from pipeline.sources import SPLITS
-from pipeline.transform import RESIZE_MODES
+from pipeline.build.sources import LAYOUTS as SOURCE_LAYOUTS
+from pipeline.build.sources import SPLITS
+from pipeline.build.transform import RESIZE_MODES
 
 LAYOUTS = ("auto", *SOURCE_LAYOUTS)
 __all__ = ["LAYOUTS", "RESIZE_MODES", "SPLITS", "BuildConfig"]

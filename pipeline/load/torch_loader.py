@@ -2,13 +2,13 @@
 
 For machines without DALI, and as the oracle the DALI pipeline is tested
 against. Decoding is PIL, augmentation is the numpy reference in
-``pipeline.augment``; batches follow the same epoch plan and apply the same
+``pipeline.load.augment``; batches follow the same epoch plan and apply the same
 per-sample draws, so the two backends differ only by their JPEG decoders.
 ``num_threads`` becomes the number of DataLoader worker processes (0: decode
 in the calling process).
 
 Remote shards: this backend could stream tars directly, but it reads the
-same staged, verified cache files as DALI (``pipeline.staging``), so both
+same staged, verified cache files as DALI (``pipeline.load.staging``), so both
 backends see the same bytes. The cache lives in the main process (it is
 not picklable); the batch sampler, which runs there, holds a batch's shards
 before a worker gets its indices, and the shards are released when the batch
@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.augment import AugmentSpec, train_reference, val_reference
-from pipeline.epochs import EpochPlan
-from pipeline.loader import EpochLoader, LoaderConfig
-from pipeline.samples import SampleReader
-from pipeline.staging import LocalLeases, ShardLeases
+from pipeline.load.augment import AugmentSpec, train_reference, val_reference
+from pipeline.load.epochs import EpochPlan
+from pipeline.load.loader import EpochLoader, LoaderConfig
+from pipeline.load.samples import SampleReader
+from pipeline.load.staging import LocalLeases, ShardLeases
 
 # Batches each DataLoader worker has queued (torch's default, fixed here because the
 # shard cache must hold the shards of every batch out at once).

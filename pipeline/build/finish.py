@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.plan import ShardPlan, ordered_splits
-from pipeline.shard_task import load_partial_stats
+from pipeline.build.plan import ShardPlan, ordered_splits
+from pipeline.build.shard_task import load_partial_stats
 from shards.atomic import dumps_json, remove_temporaries, write_bytes_atomic, write_text_atomic
 from shards.manifest import (
     FORMAT,
@@ -59,7 +59,7 @@ def merge_train_statistics(out_dir: Path, train_plans: list[ShardPlan]):
 
 def write_statistics(out_dir: Path, pixel_stats) -> dict:
     """stats.json, mean.npy and mean.png from the merged train statistics."""
-    from pipeline.stats import mean_png_bytes
+    from pipeline.build.stats import mean_png_bytes
 
     stats, mean_image = pixel_stats.finalize()
     buffer = io.BytesIO()

@@ -13,10 +13,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.plan import ShardPlan
-from pipeline.ray_runtime import is_local, ray_already_running, ray_session
-from pipeline.shard_task import run_shard
-from pipeline.warm_up import WarmUpProcesses
+from pipeline.build.plan import ShardPlan
+from pipeline.build.ray_runtime import is_local, ray_already_running, ray_session
+from pipeline.build.shard_task import run_shard
+from pipeline.build.warm_up import WarmUpProcesses
 from shards.errors import UserError
 
 
@@ -39,7 +39,7 @@ def run_shards(
 ) -> None:
     """Run every plan once; call ``on_done(plan, record)`` as each finishes.
 
-    ``shutdowns``: see :func:`pipeline.ray_runtime.ray_session`.
+    ``shutdowns``: see :func:`pipeline.build.ray_runtime.ray_session`.
     """
     out_dir = Path(out_dir).resolve()
     pending_plans = collections.deque(plans)

@@ -25,8 +25,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from pipeline.plan import ShardPlan
-from pipeline.shard_task import run_shard
+from pipeline.build.plan import ShardPlan
+from pipeline.build.shard_task import run_shard
 from shards.errors import UserError
 
 # Records of shards run here say so: their peak RSS is the driver's (forked

@@ -18,13 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.build_config import LAYOUTS, RESIZE_MODES, SPLITS, BuildConfig
-from pipeline.finish import MANIFEST_NAME, SplitSummary, write_outputs
-from pipeline.plan import ShardPlan, plan_build
-from pipeline.ray_runtime import check_cluster_address, is_local
-from pipeline.scheduler import run_shards
-from pipeline.shard_task import load_finished_record, work_dir
-from pipeline.warm_up import RAN_IN_DRIVER
+from pipeline.build.config import LAYOUTS, RESIZE_MODES, SPLITS, BuildConfig
+from pipeline.build.finish import MANIFEST_NAME, SplitSummary, write_outputs
+from pipeline.build.plan import ShardPlan, plan_build
+from pipeline.build.ray_runtime import check_cluster_address, is_local
+from pipeline.build.scheduler import run_shards
+from pipeline.build.shard_task import load_finished_record, work_dir
+from pipeline.build.warm_up import RAN_IN_DRIVER
 from shards.atomic import dumps_json, remove_temporaries, write_text_atomic
 from shards.errors import UserError
 from shards.manifest import load_manifest
@@ -147,8 +147,8 @@ def _difference(recorded: dict, wanted: dict) -> str:
 
 def build_shards(config: BuildConfig) -> BuildSummary:
     """Run the whole build (or finish an interrupted one); see the module docstring."""
-    from pipeline.sources import discover, resolve_layout
-    from pipeline.transform import TransformConfig
+    from pipeline.build.sources import discover, resolve_layout
+    from pipeline.build.transform import TransformConfig
 
     validate(config)
     if not is_local(config.address):

@@ -1,11 +1,11 @@
 """``create_loader`` (SPEC §6) and what both backends share: shard access and epoch state.
 
-Both backends read the same samples in the same order (``pipeline.epochs``)
-with the same random draws (``pipeline.augment``): a sample's bytes are read
+Both backends read the same samples in the same order (``pipeline.load.epochs``)
+with the same random draws (``pipeline.load.augment``): a sample's bytes are read
 by offset, using the DALI ``.idx`` files the build wrote, so the loader
 never scans a tar and any rank can start anywhere. The DALI backend then
-decodes and augments with DALI operators (``pipeline.dali_pipes``); the
-torch backend with PIL and numpy (``pipeline.torch_loader``). Backends are
+decodes and augments with DALI operators (``pipeline.load.dali_pipes``); the
+torch backend with PIL and numpy (``pipeline.load.torch_loader``). Backends are
 imported only when chosen.
 
 Epochs: each ``iter(loader)`` is the next epoch (the first is 0). A loader
@@ -16,7 +16,7 @@ remaining batches. ``set_epoch(n)`` makes the next iteration epoch ``n``.
 
 Remote shards (``http(s)://``, ``s3://``, ``pipe:`` locations, see
 :mod:`shards.remote`) are staged into a bounded local cache that both
-backends read from (:mod:`pipeline.staging`).
+backends read from (:mod:`pipeline.load.staging`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.augment import AugmentDraws, AugmentSpec, Normalize
-from pipeline.augment import draw_augmentation as paper_draws
-from pipeline.augment import spec_from_stats as _spec_from_stats
-from pipeline.epochs import DEFAULT_SHUFFLE_WINDOW, EpochPlan, num_batches, plan_epoch
-from pipeline.samples import SampleReader, SplitTable, load_split_table
-from pipeline.staging import (
+from pipeline.load.augment import AugmentDraws, AugmentSpec, Normalize
+from pipeline.load.augment import draw_augmentation as paper_draws
+from pipeline.load.augment import spec_from_stats as _spec_from_stats
+from pipeline.load.epochs import DEFAULT_SHUFFLE_WINDOW, EpochPlan, num_batches, plan_epoch
+from pipeline.load.samples import SampleReader, SplitTable, load_split_table
+from pipeline.load.staging import (
     LocalLeases,
     ShardLeases,
     StagedShards,
@@ -283,7 +283,7 @@ def create_loader(
     ``with_index``): float32 N×3×224×224 (N×10×3×224×224 with ``ten_crop``,
     val only), int64 labels, int64 indices (``index`` of KEY.json). On
     ``device="gpu"`` (alias ``"cuda"``) all are on the current CUDA device.
-    ``draw_augmentation`` replaces :func:`pipeline.augment.draw_augmentation`
+    ``draw_augmentation`` replaces :func:`pipeline.load.augment.draw_augmentation`
     (tests use it to pin crops, flips and lighting).
 
     ``shards_dir`` may also be remote: ``http(s)://``, ``s3://`` or
@@ -338,9 +338,9 @@ def create_loader(
         table = load_split_table(source.directory, split, manifest)
     spec = read_augment_spec(source, manifest, normalize, lighting_std)
     if backend == "dali":
-        from pipeline.dali_pipes import DaliLoader as loader_class
+        from pipeline.load.dali_pipes import DaliLoader as loader_class
     else:
-        from pipeline.torch_loader import TorchLoader as loader_class
+        from pipeline.load.torch_loader import TorchLoader as loader_class
     staged = None
     if not local:
         staged = _stage_remote(source, manifest, config, loader_class, cache_dir, cache_bytes)

@@ -18,7 +18,7 @@ class PlannedSample:
     """One input and its position in the split (``index`` in KEY.json)."""
 
     index: int
-    item: object  # pipeline.sources.SourceItem
+    item: object  # pipeline.build.sources.SourceItem
 
 
 @dataclass(frozen=True)

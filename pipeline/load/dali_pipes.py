@@ -1,7 +1,7 @@
 """DALI pipelines for training and validation, and the loader that drives them.
 
 Samples enter through ``fn.external_source``, fed batch by batch from our own
-epoch plan (``pipeline.epochs``) with the bytes read by offset through the
+epoch plan (``pipeline.load.epochs``) with the bytes read by offset through the
 DALI index files. DALI's webdataset reader would shard by padding or
 duplicating samples and its shuffle is not reproducible per epoch; feeding
 the plan gives the exact SPEC semantics (every sample once per epoch over
@@ -15,12 +15,12 @@ operators on the chosen device:
   and the channel normalization; the paper's mean image is subtracted after;
 - val: the central window, or the ten patches stacked as 10×3×224×224.
 
-The random values come from ``pipeline.augment.draw_augmentation`` and
+The random values come from ``pipeline.load.augment.draw_augmentation`` and
 reach the operators as per-sample arguments, which is what lets the tests
 pin them and compare with the PyTorch reference.
 
 Remote shards: the feeder holds the shards of the batch it reads
-(``pipeline.staging``); the bytes are in memory once it returns, so a shard
+(``pipeline.load.staging``); the bytes are in memory once it returns, so a shard
 is let go right after the last batch that reads it.
 """
 
@@ -35,11 +35,11 @@ import torch
 from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
 
-from pipeline.augment import AugmentSpec, channel_shift, mean_image_chw, ten_crop_geometry
-from pipeline.epochs import EpochPlan
-from pipeline.loader import EpochLoader
-from pipeline.samples import SampleReader
-from pipeline.staging import LocalLeases, ShardLeases
+from pipeline.load.augment import AugmentSpec, channel_shift, mean_image_chw, ten_crop_geometry
+from pipeline.load.epochs import EpochPlan
+from pipeline.load.loader import EpochLoader
+from pipeline.load.samples import SampleReader
+from pipeline.load.staging import LocalLeases, ShardLeases
 
 PREFETCH_QUEUE_DEPTH = 2
 

@@ -4,7 +4,7 @@ Three layouts of the same ILSVRC-2012 data are understood (SPEC §3):
 
 - ``folder``: ``SRC/{train,val}/<wnid>/*.JPEG`` (torchvision ImageFolder);
 - ``tars``: the official ``ILSVRC2012_img_{train,val}.tar`` read in place
-  (by byte offsets, see :mod:`pipeline.tarscan`) plus the devkit;
+  (by byte offsets, see :mod:`pipeline.build.tarscan`) plus the devkit;
 - ``kaggle``: ``SRC/ILSVRC/Data/CLS-LOC/{train/<wnid>/,val/}`` plus
   ``LOC_synset_mapping.txt`` and ``LOC_val_solution.csv``.
 
@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
-from pipeline.devkit import (
+from pipeline.build.devkit import (
     find_devkit,
     load_devkit,
     parse_synset_mapping,
     parse_val_solution,
 )
-from pipeline.tarscan import TarMember, rejection_reason, scan_tar
+from pipeline.build.tarscan import TarMember, rejection_reason, scan_tar
 from shards.errors import UserError
 from shards.writer import is_valid_key
 
