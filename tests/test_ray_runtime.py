@@ -169,12 +169,37 @@ def _primary_address() -> str:
             return "127.0.0.1"
 
 
-def test_a_closed_port_is_refused_at_once():
+def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def test_a_closed_port_is_refused_at_once():
+    port = _closed_port()
     with pytest.raises(UserError, match=rf"^cannot join the Ray cluster at 127.0.0.1:{port}: "):
         check_cluster_address(f"127.0.0.1:{port}")
+
+
+def test_auto_is_checked_where_ray_would_look(tmp_path, monkeypatch):
+    # ray.init(address="auto") takes RAY_ADDRESS, else the address file of the
+    # latest `ray start`; one left by a cluster that is gone made it wait minutes.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    check_cluster_address("auto")  # nothing recorded: Ray says so itself, at once
+    port = _closed_port()
+    recorded = tmp_path / "ray" / "ray_current_cluster"
+    recorded.parent.mkdir()
+    recorded.write_text(f"127.0.0.1:{port}")
+    with pytest.raises(UserError) as raised:
+        check_cluster_address("auto")
+    assert str(raised.value).startswith(
+        f"cannot join the Ray cluster at auto (127.0.0.1:{port}, from {recorded}): "
+    )
+    other_port = _closed_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{other_port}")
+    with pytest.raises(UserError, match=rf"at auto \(127.0.0.1:{other_port}, from RAY_ADDRESS\)"):
+        check_cluster_address("auto")
 
 
 def test_a_port_that_answers_but_not_as_ray_is_one_line():

@@ -58,30 +58,60 @@ TOKEN_SOURCES = "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
 
 
 def check_cluster_address(address: str) -> None:
-    """Fail fast, in one line, when a HOST:PORT or ray://HOST:PORT is no Ray head."""
+    """Fail fast, in one line, when --address names no Ray head that answers.
+
+    ``auto`` is checked at the address Ray would take for it (see
+    :func:`address_of_auto`); when there is none, Ray says so at once.
+    """
+    named = address
+    if address == "auto":
+        found = address_of_auto()
+        if found is None:
+            return
+        address, source = found
+        named = f"auto ({address}, from {source})"
     host_port = address.split("://", 1)[-1].rstrip("/")
     host, _, port = host_port.rpartition(":")
     if not host or not port.isdigit():
-        if address == "auto":
-            return  # Ray finds the address itself (and fails fast when it cannot)
-        raise UserError(f"--address {address!r} is not auto, HOST:PORT or ray://HOST:PORT")
+        raise UserError(f"--address {named!r} is not auto, HOST:PORT or ray://HOST:PORT")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), REACHABLE_TIMEOUT_S) as link:
             link.sendall(HTTP2_CLIENT_PREFACE)
             reply = _receive(link, HTTP2_FRAME_HEADER_BYTES)
     except TimeoutError:
         raise UserError(
-            f"cannot join the Ray cluster at {address}: nobody answers "
+            f"cannot join the Ray cluster at {named}: nobody answers "
             f"within {REACHABLE_TIMEOUT_S:g} s"
         ) from None
     except OSError as error:
         reason = error.strerror or str(error) or type(error).__name__
-        raise UserError(f"cannot join the Ray cluster at {address}: {reason}") from None
+        raise UserError(f"cannot join the Ray cluster at {named}: {reason}") from None
     if len(reply) < HTTP2_FRAME_HEADER_BYTES or reply[3] != HTTP2_SETTINGS_FRAME:
         raise UserError(
-            f"cannot join the Ray cluster at {address}: something answers there, but not "
+            f"cannot join the Ray cluster at {named}: something answers there, but not "
             "a Ray head (give the GCS port that `ray start --head` printed, 6379 by default)"
         )
+
+
+def address_of_auto() -> tuple[str, str] | None:
+    """The address ``ray.init(address="auto")`` joins, and where it comes from, or None.
+
+    As ``ray.init``'s documentation gives the order: ``RAY_ADDRESS``, else the
+    address the latest ``ray start`` on this machine wrote to
+    ``ray_current_cluster`` in Ray's temporary directory (``/tmp/ray``, or
+    ``ray`` under ``RAY_TMPDIR`` or ``TMPDIR``). A file that a crashed or
+    ended cluster left behind is what makes ``auto`` wait minutes.
+    """
+    from_environment = os.environ.get("RAY_ADDRESS", "")
+    if from_environment and from_environment != "auto":
+        return from_environment, "RAY_ADDRESS"
+    temp_root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    latest = Path(temp_root) / "ray" / "ray_current_cluster"
+    try:
+        recorded = latest.read_text().strip()
+    except OSError:
+        return None
+    return (recorded, str(latest)) if recorded else None
 
 
 def _receive(link: socket.socket, count: int) -> bytes:
