@@ -154,20 +154,26 @@ def test_a_cluster_that_wants_a_token_is_refused_in_one_line(tmp_path):
     # Both on loopback: the head binds 127.0.0.1 only, and the client keeps
     # 127.0.0.1 as it is instead of swapping in this machine's address.
     environment.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    command = [*ALEXPIPE, "build-shards", "--src", str(sample.out), "--out", str(tmp_path / "out")]
     with loopback_ray_head(dict(environment, HOME=str(head_home))) as address:
-        result = subprocess.run(
-            [*ALEXPIPE, "build-shards", "--src", str(sample.out), "--out", str(tmp_path / "out")]
-            + ["--address", address, "--no-progress"],
-            env=dict(environment, HOME=str(client_home)),
-            capture_output=True,
-            text=True,
-            timeout=240,
+        command += ["--address", address, "--no-progress"]
+        client = dict(environment, HOME=str(client_home))
+        result = subprocess.run(command, env=client, capture_output=True, text=True, timeout=240)
+        # The mode set, but no token on this side: said before any connection.
+        no_token = subprocess.run(
+            command, env=dict(client, RAY_AUTH_MODE="token"), capture_output=True, text=True
         )
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout == ""
     assert result.stderr == (
         f"alexpipe: error: cannot join the Ray cluster at {address}: it wants an auth token; "
         "set RAY_AUTH_MODE=token and give the cluster's token "
+        "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)\n"
+    )
+    assert no_token.returncode == 1, no_token.stdout + no_token.stderr
+    assert no_token.stderr == (
+        f"alexpipe: error: cannot join the Ray cluster at {address}: RAY_AUTH_MODE=token but "
+        "no auth token here; give the cluster's token "
         "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)\n"
     )
     assert not (tmp_path / "out" / "manifest.json").exists()

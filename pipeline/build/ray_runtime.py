@@ -42,10 +42,11 @@ QUIET_ENVIRONMENT = {
 CLUSTER_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0"}
 
 # How long a cluster's head may take to accept a TCP connection, and then to
-# answer as a gRPC server. Measured with Ray 2.60: ray.init on a port that
-# accepts but never answers (a hung head, a tunnel with nothing behind it)
-# retries for more than five minutes, and on a closed or filtered port it
-# waits about as long; so the build asks first, in seconds.
+# answer as a gRPC server. Measured with Ray 2.60: ray.init on an address
+# where no head answers retries for minutes (a closed port: still retrying
+# after 327 s, when it was stopped), so the build asks first, in seconds; a
+# port that accepts and stays silent (a hung head, a tunnel with nothing
+# behind it) is caught the same way.
 REACHABLE_TIMEOUT_S = 5.0
 # What an HTTP/2 client sends first (RFC 9113, section 3.4: the preface and an
 # empty SETTINGS frame); a gRPC server, which Ray's head is, answers with a
