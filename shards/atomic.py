@@ -71,7 +71,10 @@ def atomic_file(final_path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
         handle.close()
         os.replace(temporary, final_path)
     except BaseException:
-        handle.close()
+        # On a full disk the close fails too (it flushes what is buffered);
+        # the temporary must go regardless.
+        with contextlib.suppress(OSError):
+            handle.close()
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
         raise

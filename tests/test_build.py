@@ -246,6 +246,49 @@ def test_kill_minus_nine_then_rerun_is_byte_identical(samples, tmp_path, ray_clu
     assert not (out / "_work").exists()
 
 
+def _live(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (a zombie no longer runs)."""
+    running = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        if state not in ("Z", "X"):
+            running.append(pid)
+    return running
+
+
+def test_ctrl_c_mid_build_stops_every_process_and_the_rerun_finishes(samples, tmp_path):
+    src = samples["tars"].out
+    out = tmp_path / "interrupted"
+    command = [*ALEXPIPE, "build-shards", "--src", str(src), "--out", str(out)]
+    command += ["--workers", "2", "--shard-size", "1", "--max-rejected", "1", "--no-progress"]
+    process = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(out.glob("_work/*-*.json")):
+            time.sleep(0.02)
+        started = _session_processes(process.pid)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+        assert process.wait(timeout=120) != 0
+        deadline = time.monotonic() + 60
+        while _live(started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _live(started), "processes outlived Ctrl-C"
+    finally:
+        for pid in _session_processes(process.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert len(started) > 3, "Ray had not started: interrupted too early to test"
+    assert not (out / "manifest.json").exists(), "interrupted too late to test"
+    rerun = subprocess.run(command, capture_output=True, text=True)  # the same command
+    assert rerun.returncode == 0, rerun.stderr
+    verify = subprocess.run([*ALEXPIPE, "verify", str(out)], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
 def test_verify_catches_damage(samples, tmp_path, ray_cluster):
     out = _build(samples["folder"].out, tmp_path / "verify").out
 

@@ -4,7 +4,7 @@ The job in four steps, each in its own module:
 1. list the inputs (``sources``) and fix the plan (``plan``) — pure;
 2. skip shards a previous run finished (their records in ``_work/``);
 3. run one task per remaining shard (``shard_task.run_shard``) on Ray
-   (``scheduler``);
+   (``scheduler``; a private instance or a cluster, ``ray_runtime``);
 4. merge and write stats, rejections and the manifest last (``finish``).
 Same input and settings give byte-identical output, whatever the number of
 workers or nodes and however often the job was killed and rerun.
@@ -12,7 +12,9 @@ workers or nodes and however often the job was killed and rerun.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,10 +23,9 @@ from pathlib import Path
 from pipeline.build.config import LAYOUTS, RESIZE_MODES, SPLITS, BuildConfig
 from pipeline.build.finish import MANIFEST_NAME, SplitSummary, write_outputs
 from pipeline.build.plan import ShardPlan, plan_build
-from pipeline.build.ray_runtime import check_cluster_address, is_local
+from pipeline.build.ray_runtime import check_cluster_address, is_local, ray_session
 from pipeline.build.scheduler import run_shards
 from pipeline.build.shard_task import load_finished_record, work_dir
-from pipeline.build.warm_up import RAN_IN_DRIVER
 from shards.atomic import dumps_json, remove_temporaries, write_text_atomic
 from shards.errors import UserError
 from shards.manifest import load_manifest
@@ -146,13 +147,29 @@ def _difference(recorded: dict, wanted: dict) -> str:
 
 
 def build_shards(config: BuildConfig) -> BuildSummary:
-    """Run the whole build (or finish an interrupted one); see the module docstring."""
-    from pipeline.build.sources import discover, resolve_layout
-    from pipeline.build.transform import TransformConfig
+    """Run the whole build (or finish an interrupted one); see the module docstring.
 
+    A full disk or an unwritable --out ends the build with one line
+    (:func:`output_error`); what was finished is kept for the rerun, and
+    nothing partial is left under a final name (nor any temporary).
+    """
     validate(config)
     if not is_local(config.address):
         check_cluster_address(config.address)
+    try:
+        return _build(config)
+    except OSError as error:
+        problem = output_error(error, config.out)
+        if problem is None:
+            raise
+        _remove_temporaries_quietly(config.out)
+        raise problem from error
+
+
+def _build(config: BuildConfig) -> BuildSummary:
+    from pipeline.build.sources import discover, resolve_layout
+    from pipeline.build.transform import TransformConfig
+
     started = time.perf_counter()
     layout = resolve_layout(config.src, config.layout)
     settings = config.output_settings(layout)
@@ -160,58 +177,43 @@ def build_shards(config: BuildConfig) -> BuildSummary:
     complete = _claim_output(out_dir, settings, _run_identity(config))
     if complete is not None:
         return _summary_of_complete(out_dir, complete, started)
-    listing = discover(config.src, layout, config.splits)
-    remove_temporaries(out_dir)
-    remove_temporaries(work_dir(out_dir))
-
-    plans = plan_build(listing.items, config.shard_size, config.seed)
-    transform_config = TransformConfig(
-        size=config.size,
-        quality=config.quality,
-        resize=config.resize,
-        exif_transpose=config.exif_transpose,
-    )
-    records = {}
-    remaining = []
-    for plan in plans:
-        record = load_finished_record(out_dir, plan, transform_config)
-        if record is None:
-            remaining.append(plan)
-        else:
-            records[plan.name] = record
-    total_images = sum(len(plan.samples) for plan in remaining)
-    progress = _progress_bar(total_images, config.progress)
-    ray_shutdowns: list = []  # Ray shuts down while the outputs are written
-    try:
-        try:
-            if remaining:
+    # Ray first: a cluster that refuses us says so before minutes of listing.
+    with ray_session(config.address, config.workers) as cpus:
+        listing = discover(config.src, layout, config.splits)
+        remove_temporaries(out_dir)
+        remove_temporaries(work_dir(out_dir))
+        plans = plan_build(listing.items, config.shard_size, config.seed)
+        transform_config = TransformConfig(
+            size=config.size,
+            quality=config.quality,
+            resize=config.resize,
+            exif_transpose=config.exif_transpose,
+        )
+        records = {}
+        remaining = []
+        for plan in plans:
+            record = load_finished_record(out_dir, plan, transform_config)
+            if record is None:
+                remaining.append(plan)
+            else:
+                records[plan.name] = record
+        total_images = sum(len(plan.samples) for plan in remaining)
+        if remaining:
+            with _progress_bar(total_images, config.progress) as progress:
 
                 def finished(plan: ShardPlan, record: dict) -> None:
                     records[plan.name] = record
                     progress.update(len(plan.samples))
 
-                run_shards(
-                    remaining,
-                    transform_config,
-                    out_dir,
-                    config.address,
-                    config.workers,
-                    finished,
-                    shutdowns=ray_shutdowns,
-                )
-        finally:
-            progress.close()
-        classes = [
-            {"index": index, "wnid": wnid, "name": listing.class_names.get(wnid, "")}
-            for index, wnid in enumerate(listing.classes)
-        ]
-        summaries = write_outputs(
-            out_dir, settings, classes, list(config.splits), plans, records, list(listing.rejected)
-        )
-        shutil.rmtree(work_dir(out_dir), ignore_errors=True)
-    finally:
-        for thread in ray_shutdowns:
-            thread.join()
+                run_shards(remaining, transform_config, out_dir, cpus, finished)
+    classes = [
+        {"index": index, "wnid": wnid, "name": listing.class_names.get(wnid, "")}
+        for index, wnid in enumerate(listing.classes)
+    ]
+    summaries = write_outputs(
+        out_dir, settings, classes, list(config.splits), plans, records, list(listing.rejected)
+    )
+    shutil.rmtree(work_dir(out_dir), ignore_errors=True)
     return BuildSummary(
         out=out_dir,
         splits=summaries,
@@ -219,12 +221,61 @@ def build_shards(config: BuildConfig) -> BuildSummary:
         shards_skipped=len(plans) - len(remaining),
         images_processed=total_images,
         wall_seconds=time.perf_counter() - started,
-        peak_worker_rss_mb=max(
-            (r["peak_rss_mb"] for r in records.values() if r.get("ran_in") != RAN_IN_DRIVER),
-            default=0.0,
-        ),
-        ray_nodes_used=len({r.get("ran_in") for r in records.values()} - {None, RAN_IN_DRIVER}),
+        peak_worker_rss_mb=max((r["peak_rss_mb"] for r in records.values()), default=0.0),
+        ray_nodes_used=len({r.get("ran_in") for r in records.values()} - {None}),
     )
+
+
+# errno values that mean "the output's filesystem cannot take this", with
+# what the user can do about each.
+FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+UNWRITABLE_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def output_error(error: OSError, out_dir: Path) -> UserError | None:
+    """One line for an OSError that says the disk of --out is full or unwritable, else None.
+
+    Only errors about paths under ``out_dir`` (or without a path, as a worker's
+    write can come back) are the output's; a full or read-only --src is not.
+    """
+    filename = error.filename
+    out_dir = Path(out_dir)
+    if filename is not None and not _is_under(Path(os.fsdecode(filename)), out_dir):
+        return None
+    if error.errno in FULL_DISK_ERRORS:
+        return UserError(
+            f"the disk is full: no space left on {_mount_point(out_dir)} for --out {out_dir}; "
+            "free some space and rerun the same command (finished shards are kept)"
+        )
+    if error.errno in UNWRITABLE_ERRORS:
+        reason = "read-only filesystem" if error.errno == errno.EROFS else "permission denied"
+        return UserError(
+            f"--out {out_dir} is not writable ({reason} on {_mount_point(out_dir)}); "
+            "make it writable and rerun the same command, or choose another --out"
+        )
+    return None
+
+
+def _is_under(path: Path, directory: Path) -> bool:
+    path, directory = path.resolve(), directory.resolve()  # as the tasks see it (resolved)
+    return path == directory or directory in path.parents
+
+
+def _mount_point(path: Path) -> Path:
+    """The mount point of the filesystem that holds (or would hold) ``path``."""
+    path = path.absolute()
+    while not path.exists() or (not os.path.ismount(path) and path.parent != path):
+        path = path.parent
+    return path
+
+
+def _remove_temporaries_quietly(out_dir: Path) -> None:
+    """Clear what failed writers left, when --out lets us; a read-only one holds none."""
+    for directory in (out_dir, work_dir(out_dir)):
+        try:
+            remove_temporaries(directory)
+        except OSError:
+            pass
 
 
 def _summary_of_complete(out_dir: Path, manifest: dict, started: float) -> BuildSummary:
@@ -254,13 +305,7 @@ def _summary_of_complete(out_dir: Path, manifest: dict, started: float) -> Build
 def _progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
-    class BuildProgress(tqdm):
-        # tqdm's monitor thread (started even for a disabled bar) would be
-        # alive when the build forks its warm-up processes; it only tunes
-        # refresh intervals, so go without it.
-        monitor_interval = 0
-
-    return BuildProgress(
+    return tqdm(
         total=total,
         unit="img",
         desc="build-shards",

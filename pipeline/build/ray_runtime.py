@@ -1,91 +1,129 @@
-"""Starting or joining Ray for the build, quietly and on loopback by default.
+"""Starting or joining Ray for the build: public ``ray.init``, documented switches.
 
-On Linux Ray binds its servers to the machine's primary interface and turns
-"127.0.0.1" into that address. A private local instance needs none of that,
-so for local builds we switch off Ray's cluster mode (the same switch Ray
-uses on macOS and Windows): every listener then stays on 127.0.0.1.
+A private local instance listens on 127.0.0.1 only. On Linux Ray binds its
+servers to every interface and advertises the machine's primary address;
+on macOS and Windows it keeps a single machine on loopback. The switch
+between the two is the environment variable Ray documents for clusters on
+those systems, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``
+(https://docs.ray.io/en/latest/cluster/getting-started.html); set to 0 on
+Linux it gives the loopback behaviour. Ray reads it once, when it is
+imported, so a local session sets it before its first ``import ray``; a
+process that imported Ray earlier without it is refused a local instance
+(one line) rather than given one that listens on the network.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
+import ipaddress
 import logging
 import os
 import socket
 import sys
-import threading
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 from shards.errors import UserError
 
-# Read by Ray when it is imported and inherited by the processes it starts.
+CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+# Plain mappings of environment variables Ray documents, set before Ray is
+# imported and inherited by the processes it starts. A local session sets
+# all of them; joining a cluster sets the quiet ones the user did not set.
 LOCAL_ONLY_ENVIRONMENT = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    CLUSTER_SWITCH: "0",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
 QUIET_ENVIRONMENT = {
     "RAY_DEDUP_LOGS": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
+CLUSTER_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0"}
 
+# How long a cluster's head may take to accept a TCP connection, and then to
+# answer as a gRPC server. Measured with Ray 2.60: ray.init on an address
+# where no head answers retries for minutes (a closed port: still retrying
+# after 327 s, when it was stopped), so the build asks first, in seconds; a
+# port that accepts and stays silent (a hung head, a tunnel with nothing
+# behind it) is caught the same way.
+REACHABLE_TIMEOUT_S = 5.0
+# What an HTTP/2 client sends first (RFC 9113, section 3.4: the preface and an
+# empty SETTINGS frame); a gRPC server, which Ray's head is, answers with a
+# SETTINGS frame (type 4) of its own.
+HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_FRAME_HEADER_BYTES = 9
+HTTP2_SETTINGS_FRAME = 4
 
-# Head-node daemons a private, fixed-size, log-to-driver-off instance never
-# uses: the autoscaler's monitor and the log monitor (it forwards worker
-# output to the driver). Together they cost about 2 CPU-seconds to start and
-# a second to stop, which on a 2-core machine is 5-10 % of a small build.
-LEAN_HEAD_PARAMETERS = {"no_monitor": True, "include_log_monitor": False}
-
-
-@contextlib.contextmanager
-def _lean_head_parameters() -> Iterator[None]:
-    """Have ``ray.init`` start a local head without the daemons above.
-
-    ``ray.init`` does not expose these switches (``ray start`` does, at the
-    price of another Python process), but it builds its node from
-    ``ray._private.parameter.RayParams``, which has them; we give it those
-    defaults for the one call. If a Ray release drops the switches, Ray
-    starts as it always did.
-    """
-    from ray._private import parameter
-
-    original = parameter.RayParams
-    known = inspect.signature(original).parameters
-    if not all(name in known for name in LEAN_HEAD_PARAMETERS):
-        yield
-        return
-
-    class LeanRayParams(original):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**LEAN_HEAD_PARAMETERS, **kwargs})
-
-    parameter.RayParams = LeanRayParams
-    try:
-        yield
-    finally:
-        parameter.RayParams = original
-
-
-# How long a cluster's head may take to accept a TCP connection. Ray's own
-# retries on an unreachable address last minutes before they give up, so a
-# build checks first (before it spends minutes listing ImageNet).
-REACHABLE_TIMEOUT_S = 10.0
+TOKEN_SOURCES = "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
 
 
 def check_cluster_address(address: str) -> None:
-    """Fail fast, in one line, when a HOST:PORT or ray://HOST:PORT does not answer."""
+    """Fail fast, in one line, when --address names no Ray head that answers.
+
+    ``auto`` is checked at the address Ray would take for it (see
+    :func:`address_of_auto`); when there is none, Ray says so at once.
+    """
+    named = address
+    if address == "auto":
+        found = address_of_auto()
+        if found is None:
+            return
+        address, source = found
+        named = f"auto ({address}, from {source})"
     host_port = address.split("://", 1)[-1].rstrip("/")
     host, _, port = host_port.rpartition(":")
     if not host or not port.isdigit():
-        if address == "auto":
-            return  # Ray finds the address itself (and fails fast when it cannot)
-        raise UserError(f"--address {address!r} is not auto, HOST:PORT or ray://HOST:PORT")
+        raise UserError(f"--address {named!r} is not auto, HOST:PORT or ray://HOST:PORT")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), REACHABLE_TIMEOUT_S):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), REACHABLE_TIMEOUT_S) as link:
+            link.sendall(HTTP2_CLIENT_PREFACE)
+            reply = _receive(link, HTTP2_FRAME_HEADER_BYTES)
+    except TimeoutError:
+        raise UserError(
+            f"cannot join the Ray cluster at {named}: nobody answers "
+            f"within {REACHABLE_TIMEOUT_S:g} s"
+        ) from None
     except OSError as error:
         reason = error.strerror or str(error) or type(error).__name__
-        raise UserError(f"cannot join the Ray cluster at {address}: {reason}") from None
+        raise UserError(f"cannot join the Ray cluster at {named}: {reason}") from None
+    if len(reply) < HTTP2_FRAME_HEADER_BYTES or reply[3] != HTTP2_SETTINGS_FRAME:
+        raise UserError(
+            f"cannot join the Ray cluster at {named}: something answers there, but not "
+            "a Ray head (give the GCS port that `ray start --head` printed, 6379 by default)"
+        )
+
+
+def address_of_auto() -> tuple[str, str] | None:
+    """The address ``ray.init(address="auto")`` joins, and where it comes from, or None.
+
+    As ``ray.init``'s documentation gives the order: ``RAY_ADDRESS``, else the
+    address the latest ``ray start`` on this machine wrote to
+    ``ray_current_cluster`` in Ray's temporary directory (``/tmp/ray``, or
+    ``ray`` under ``RAY_TMPDIR`` or ``TMPDIR``). A file that a crashed or
+    ended cluster left behind is what makes ``auto`` wait minutes.
+    """
+    from_environment = os.environ.get("RAY_ADDRESS", "")
+    if from_environment and from_environment != "auto":
+        return from_environment, "RAY_ADDRESS"
+    temp_root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    latest = Path(temp_root) / "ray" / "ray_current_cluster"
+    try:
+        recorded = latest.read_text().strip()
+    except OSError:
+        return None
+    return (recorded, str(latest)) if recorded else None
+
+
+def _receive(link: socket.socket, count: int) -> bytes:
+    """Up to ``count`` bytes: fewer only if the other side closed the connection."""
+    data = b""
+    while len(data) < count:
+        chunk = link.recv(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _usable_cpus(ray) -> int:
@@ -99,82 +137,160 @@ def is_local(address: str | None) -> bool:
 
 
 def ray_already_running() -> bool:
-    """Whether this process is already connected to Ray (tests, notebooks).
-
-    Answers without importing Ray: a caller may want to fork first.
-    """
+    """Whether this process is already connected to Ray (tests, notebooks)."""
     ray = sys.modules.get("ray")
     return ray is not None and ray.is_initialized()
 
 
 @contextlib.contextmanager
-def ray_session(
-    address: str | None, workers: int | None, shutdowns: list | None = None
-) -> Iterator[int]:
+def _environment(settings: dict[str, str], override: bool) -> Iterator[None]:
+    """Set ``settings`` (all of them, or only the unset ones) for the block, then
+    put the environment back, so later processes (another `ray start`, a
+    cluster job) are unaffected; Ray's processes have theirs by then."""
+    saved = {name: os.environ.get(name) for name in settings}
+    for name, value in settings.items():
+        if override or name not in os.environ:
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, workers: int | None) -> Iterator[int]:
     """Run a block with Ray ready; yield the number of CPUs the tasks can use.
 
     ``address=None`` starts a private instance on this machine (loopback only,
     ``workers`` CPUs); any other address (``auto``, ``HOST:PORT``,
-    ``ray://...``) joins that cluster and uses all of its CPUs.
-
-    Shutting a local instance down takes up to a second (Ray waits for its
-    daemons to exit). With ``shutdowns`` (a list) the shutdown runs in a
-    thread appended to it, so the caller can finish its own work meanwhile;
-    it must join those threads before it returns.
+    ``ray://...``) joins that cluster and uses all of its CPUs. A process
+    already connected to Ray keeps its connection (and it is not shut down).
+    A process that started a private instance stays in Ray's loopback mode:
+    join clusters from another process (as the CLI always does).
     """
-    local = is_local(address)
-    import ray
-
     if ray_already_running():  # a session the caller opened (tests, notebooks)
+        import ray
+
         yield _usable_cpus(ray)
         return
-    from ray._private import ray_constants
-
-    settings = dict(QUIET_ENVIRONMENT)
-    settings.update(LOCAL_ONLY_ENVIRONMENT if local else {"RAY_USAGE_STATS_ENABLED": "0"})
-    saved_environment = {name: os.environ.get(name) for name in settings}
-    saved_cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
-    for name, value in settings.items():
-        if local or name not in os.environ:
-            os.environ[name] = value
+    local = is_local(address)
     options = {
         "include_dashboard": False,
         "log_to_driver": False,
         "logging_level": logging.ERROR,
         "configure_logging": True,
     }
-    try:
+    if local:
+        settings = {**QUIET_ENVIRONMENT, **LOCAL_ONLY_ENVIRONMENT}
+    else:
+        settings = {**QUIET_ENVIRONMENT, **CLUSTER_ENVIRONMENT}
+    with _environment(settings, override=local):
+        import ray
+
         if local:
-            # The environment reaches the processes Ray starts; this reaches
-            # the already-imported module (ray may be imported before us).
-            ray_constants.ENABLE_RAY_CLUSTER = False
-            with _lean_head_parameters():
-                ray.init(address="local", num_cpus=workers or os.cpu_count(), **options)
-        else:  # build_shards checked the address answers (check_cluster_address)
-            try:
-                ray.init(address=address, **options)
-            except (ConnectionError, RuntimeError, TimeoutError, ValueError) as error:
-                lines = str(error).strip().splitlines() or [type(error).__name__]
-                raise UserError(f"cannot join the Ray cluster at {address}: {lines[0]}") from error
-    finally:
-        # Ray's processes have their environment now; leave ours as it was,
-        # so later processes (another `ray start`, a cluster job) are unaffected.
-        for name, value in saved_environment.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-    def shut_down() -> None:
-        ray.shutdown()
-        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster_mode
-
+            _require_loopback(ray)
+            ray.init(address="local", num_cpus=workers or os.cpu_count(), **options)
+        else:  # build_shards checked that a head answers (check_cluster_address)
+            _join(ray, address, options)
     try:
         yield _usable_cpus(ray)
     finally:
-        if shutdowns is None:
-            shut_down()
-        else:
-            thread = threading.Thread(target=shut_down, name="alexpipe-ray-shutdown")
-            thread.start()
-            shutdowns.append(thread)
+        ray.shutdown()
+
+
+def _require_loopback(ray) -> None:
+    """Refuse a local instance that would listen on the network (see the module docstring).
+
+    Before ``ray.init``, Ray's public ``get_node_ip_address`` answers with the
+    address the new instance will advertise and bind.
+    """
+    node_ip = ray.util.get_node_ip_address()
+    if not ipaddress.ip_address(node_ip).is_loopback:
+        raise UserError(
+            f"Ray was imported before the build without {CLUSTER_SWITCH}=0, so a private "
+            f"Ray instance would listen on {node_ip}; set {CLUSTER_SWITCH}=0 before "
+            "importing ray, or start Ray yourself (ray.init) before building"
+        )
+
+
+def _join(ray, address: str, options: dict) -> None:
+    """``ray.init`` on a cluster; a failure is one line, a missing token says so.
+
+    Until it has connected, Ray's C++ client writes a warning to stderr per
+    failed attempt (20 lines over 20 s for a refused token, with Ray 2.60),
+    before ``RAY_BACKEND_LOG_LEVEL`` applies; those lines go to a log file
+    instead, named in the error when it helps, and removed otherwise.
+    """
+    with tempfile.NamedTemporaryFile(
+        prefix="alexpipe-ray-join-", suffix=".log", delete=False
+    ) as log:
+        log_path = Path(log.name)
+    try:
+        with _stderr_into(log_path):
+            ray.init(address=address, **options)
+    except (
+        ConnectionError,
+        RuntimeError,
+        TimeoutError,
+        ValueError,
+        ray.exceptions.RayError,
+    ) as error:
+        problem = _token_problem(ray, address, error)
+        if problem is None:
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            problem = f"cannot join the Ray cluster at {address}: {lines[0]}"
+            if log_path.stat().st_size:
+                problem += f" (Ray's messages: {log_path})"
+                log_path = None
+        if log_path is not None:
+            log_path.unlink(missing_ok=True)
+        raise UserError(problem) from error
+    log_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _stderr_into(path: Path) -> Iterator[None]:
+    """Point this process's file descriptor 2 at ``path`` for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _token_problem(ray, address: str, error: BaseException) -> str | None:
+    """The one line for a join that failed over Ray's token authentication, or None.
+
+    Ray 2.52+ raises ``AuthenticationError`` when ``RAY_AUTH_MODE=token`` and no
+    token is found; a cluster that refuses the request (no token sent, or
+    another one) shows as an ``AuthenticationError`` in the cause of the
+    ``ConnectionError`` that ``ray.init`` raises after its retries.
+    """
+    refused = ray.exceptions.AuthenticationError
+    texts = [str(error), str(error.__cause__ or ""), str(error.__context__ or "")]
+    rejected = any("InvalidAuthToken" in text or refused.__name__ in text for text in texts)
+    if isinstance(error, refused) and "InvalidAuthToken" not in str(error):
+        return (
+            f"cannot join the Ray cluster at {address}: RAY_AUTH_MODE=token but no auth "
+            f"token here; give the cluster's token ({TOKEN_SOURCES})"
+        )
+    if not rejected:
+        return None
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return (
+            f"cannot join the Ray cluster at {address}: it refused this auth token; "
+            f"give the cluster's token ({TOKEN_SOURCES})"
+        )
+    return (
+        f"cannot join the Ray cluster at {address}: it wants an auth token; set "
+        f"RAY_AUTH_MODE=token and give the cluster's token ({TOKEN_SOURCES})"
+    )

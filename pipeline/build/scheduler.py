@@ -1,22 +1,17 @@
-"""Running shard tasks: on Ray, with the driver working while Ray starts.
+"""Running shard tasks on Ray: one task per shard, a bounded number in flight.
 
-Starting a local Ray instance takes seconds. Meanwhile processes forked
-from the driver (``warm_up``) run shards; once Ray is ready it takes the
-rest. Each shard is a pure function of its plan, so who runs it changes
-nothing in the output.
+Each shard is a pure function of its plan, so which worker or node runs it
+changes nothing in the output.
 """
 
 from __future__ import annotations
 
 import collections
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.build.plan import ShardPlan
-from pipeline.build.ray_runtime import is_local, ray_already_running, ray_session
 from pipeline.build.shard_task import run_shard
-from pipeline.build.warm_up import WarmUpProcesses
 from shards.errors import UserError
 
 
@@ -32,49 +27,32 @@ def run_shards(
     plans: list[ShardPlan],
     transform_config,
     out_dir: Path,
-    address: str | None,
-    workers: int | None,
+    cpus: int,
     on_done: Callable[[ShardPlan, dict], None],
-    shutdowns: list | None = None,
 ) -> None:
-    """Run every plan once; call ``on_done(plan, record)`` as each finishes.
+    """Run every plan once as a Ray task; call ``on_done(plan, record)`` as each finishes.
 
-    ``shutdowns``: see :func:`pipeline.build.ray_runtime.ray_session`.
+    Ray must be ready (``ray_runtime.ray_session``, which says ``cpus``).
+    If a task fails, no new one starts; the ones in flight are waited for
+    (their temporaries are gone when they end, and a finished one is kept),
+    then the first failure is raised: an ``OSError`` of a task as it is (a
+    full disk, an unwritable --out), anything else as one line.
     """
-    out_dir = Path(out_dir).resolve()
-    pending_plans = collections.deque(plans)
-    # Only a local instance is slow to start; a cluster is joined in about a
-    # second, and there every shard should run on the cluster's nodes. A
-    # process already connected to Ray has nothing to wait for (and forking
-    # it would copy Ray's threads' locks).
-    starts_local_ray = is_local(address) and not ray_already_running()
-    warm_up_processes = (workers or os.cpu_count() or 1) if starts_local_ray else 0
-    warm_up = WarmUpProcesses(pending_plans, transform_config, out_dir, count=warm_up_processes)
-    warm_up.start()  # forks: before Ray is imported (importing it takes a second too)
-    try:
-        with ray_session(address, workers, shutdowns) as cpus:
-            warm_up.stop()
-            _run_rest_on_ray(pending_plans, warm_up, transform_config, out_dir, cpus, on_done)
-    finally:
-        warm_up.stop()
-        warm_up.join()
-    if warm_up.error is not None:
-        raise warm_up.error
+    _run_on_ray(collections.deque(plans), transform_config, Path(out_dir).resolve(), cpus, on_done)
 
 
-def _run_rest_on_ray(
+def _run_on_ray(
     pending_plans: collections.deque,
-    warm_up: WarmUpProcesses,
     transform_config,
     out_dir: Path,
     cpus: int,
     on_done: Callable[[ShardPlan, dict], None],
 ) -> None:
-    """Submit what the warm-up left as Ray tasks; report both as they finish.
+    """Submit the plans as Ray tasks, at most ``2 * cpus`` at a time.
 
     Every ObjectRef lives in this frame only and is dropped before it returns
-    or raises: Ray ends the whole process when a reference is released after
-    its session shut down (and the session shuts down in the background).
+    or raises, so none outlives the Ray session (a reference released while
+    Ray shuts down can make Ray end the process).
     """
     import ray
 
@@ -89,46 +67,42 @@ def _run_rest_on_ray(
     in_flight: dict = {}
     done: list = []
     ref = None
+    failure: BaseException | None = None
     try:
-        while True:
-            if warm_up.error is not None:
-                return  # run_shards raises it: stop before hours of other shards
-            for plan, record in warm_up.drain():
-                on_done(plan, record)
-            while pending_plans and len(in_flight) < window:
-                try:
-                    plan = pending_plans.popleft()
-                except IndexError:  # a warm-up process took the last one
-                    break
+        while pending_plans or in_flight:
+            while failure is None and pending_plans and len(in_flight) < window:
+                plan = pending_plans.popleft()
                 in_flight[remote_run.remote(plan, transform_ref, str(out_dir))] = plan
-            if not in_flight:
-                if not warm_up.alive():
-                    break
-                warm_up.join(timeout=0.05)
-                continue
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
                 plan = in_flight.pop(ref)
-                on_done(plan, _result_of(ref, plan))
-        for plan, record in warm_up.drain():
-            on_done(plan, record)
+                try:
+                    record = _result_of(ray, ref, plan)
+                except (OSError, UserError) as error:
+                    failure = failure or error
+                    pending_plans.clear()
+                else:
+                    on_done(plan, record)
+        if failure is not None:
+            raise failure
     finally:
         in_flight.clear()
-        done = _ = ref = transform_ref = None
+        done = _ = ref = transform_ref = failure = None
 
 
-def _result_of(ref, plan: ShardPlan) -> dict:
-    """A finished task's record; a failed task (after Ray's retries) is one clear line.
+def _result_of(ray, ref, plan: ShardPlan) -> dict:
+    """A finished task's record; a failed task (after Ray's retries) raises.
 
     A bad *input* never fails a task (it is rejected with a reason); what does
-    is the machine: a full disk, an unwritable --out, a lost node.
+    is the machine: a full disk, an unwritable --out (an ``OSError``, raised
+    as it is so that the build can say which), a lost node (one line).
     """
-    import ray
-
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as error:
         cause = error.cause if error.cause is not None else error
-        raise UserError(f"shard {plan.name} failed: {type(cause).__name__}: {cause}") from error
+        if isinstance(cause, OSError):
+            raise cause from None
+        raise UserError(f"shard {plan.name} failed: {type(cause).__name__}: {cause}") from None
     except ray.exceptions.RayError as error:
-        raise UserError(f"shard {plan.name} failed: {type(error).__name__}: {error}") from error
+        raise UserError(f"shard {plan.name} failed: {type(error).__name__}: {error}") from None

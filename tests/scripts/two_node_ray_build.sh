@@ -19,16 +19,23 @@ end_namespace_processes() {
     done
     return 0
 }
-trap end_namespace_processes EXIT
+# Ray's files go to a directory of this run (short: Ray's socket paths must fit
+# in 107 bytes), not to the machine's /tmp/ray, which other Rays use.
+ray_temp=$(mktemp -d /tmp/ray-XXXXXX)
+end_run() {
+    end_namespace_processes
+    rm -rf "$ray_temp"
+}
+trap end_run EXIT
 
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token
 RAY_AUTH_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(32))')
 export RAY_AUTH_TOKEN
 port=6390
 ray start --head --node-ip-address 127.0.0.1 --port "$port" --num-cpus 1 \
-    --include-dashboard false --disable-usage-stats >"$logs/head.log" 2>&1
+    --include-dashboard false --disable-usage-stats --temp-dir "$ray_temp" >"$logs/head.log" 2>&1
 ray start --address "127.0.0.1:$port" --node-ip-address 127.0.0.1 --num-cpus 1 \
-    >"$logs/worker.log" 2>&1
+    --temp-dir "$ray_temp" >"$logs/worker.log" 2>&1
 # Wait until both nodes are registered, report their CPUs and run a task each
 # (so each has a worker process up, as in a cluster that has been running).
 python - "$port" <<'PY'
