@@ -56,11 +56,11 @@ class Layout(str, Enum):
 
 @dataclass(frozen=True)
 class ClassInfo:
-    """One class: its label, WordNet id and name."""
+    """One class: its label, WordNet id and name ("" where the input layout gives none)."""
 
     index: int
     wnid: str
-    name: str
+    name: str = ""
 
 
 @dataclass(frozen=True)
