@@ -42,7 +42,7 @@ from shards.cache_dir import cached_name, claim_cache_dir, leftover_shards, stag
 from shards.errors import UserError
 from shards.eviction import CacheEntry, eviction_order, victims_for_room
 from shards.index import IndexDigest
-from shards.manifest import shard_infos
+from shards.manifest import Manifest
 from shards.remote import ShardSource, read_index
 from shards.verified import StagingCancelled, stage_shard
 from shards.writer import ShardInfo
@@ -80,7 +80,7 @@ class ShardCache:
     def __init__(
         self,
         source: ShardSource,
-        manifest: dict,
+        manifest: Manifest,
         cache_dir: Path,
         max_bytes: int,
         prefetch_threads: int = DEFAULT_PREFETCH_THREADS,
@@ -90,9 +90,7 @@ class ShardCache:
         self.cache_dir = Path(cache_dir)
         self.max_bytes = int(max_bytes)
         self.space_wait_seconds = space_wait_seconds
-        self._infos = {
-            info.file: info for split in manifest["splits"] for info in shard_infos(manifest, split)
-        }
+        self._infos = {info.file: info for info in manifest.every_shard()}
         self._local = source.local_path(MANIFEST_PROBE) is not None
         self._condition = threading.Condition()
         self._entries: dict[str, CacheEntry] = {}

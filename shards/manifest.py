@@ -1,20 +1,28 @@
-"""The shard directory's manifest: names, loading with clear errors, and shard paths.
+"""The shard directory's manifest, typed: :class:`Manifest`, its one parser and its one writer.
 
 ``manifest.json`` is written last and atomically by a build, so its presence
-means the directory is complete (SPEC §4). Everything that opens a shard
-directory goes through :func:`load_manifest`, which turns every way of
-pointing at the wrong place into a one-line :class:`UserError`.
+means the directory is complete. :func:`write_manifest` is the only code that
+writes one and :func:`parse_manifest` the only code that reads one (from the
+bytes that :func:`shards.remote.read_manifest` fetches from a directory or a
+remote location); ``FORMAT`` is spelled here only. Every way of pointing at
+the wrong place or at a damaged file is a one-line :class:`UserError`.
+
+The enums are the vocabulary of the command line (``click.Choice``) and of
+the manifest: the splits, and the input layouts a build reads.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from shards.atomic import dumps_json, write_text_atomic
 from shards.errors import UserError
-from shards.writer import ShardInfo
+from shards.writer import ShardInfo, shard_info_dict
 
 FORMAT = "alexpipe-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -22,7 +30,105 @@ STATS_NAME = "stats.json"
 MEAN_NAME = "mean.npy"
 MEAN_PNG_NAME = "mean.png"
 REJECTED_NAME = "rejected.jsonl"
-SPLITS = ("train", "val")
+# File names come from the manifest, which may be remote, and end up in URLs, paths
+# and shell commands: only names that can go there unquoted are accepted.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class Split(str, Enum):
+    """The splits a build writes and a loader reads."""
+
+    TRAIN = "train"
+    VAL = "val"
+
+
+SPLITS = tuple(split.value for split in Split)
+
+
+class Layout(str, Enum):
+    """Input layouts of ``build-shards --layout``; a manifest records the one found, never AUTO."""
+
+    AUTO = "auto"
+    FOLDER = "folder"
+    TARS = "tars"
+    KAGGLE = "kaggle"
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One class: its label, WordNet id and name ("" where the input layout gives none)."""
+
+    index: int
+    wnid: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class SplitEntry:
+    """One split: its sample count, how many inputs were rejected, and its shards in order."""
+
+    num_samples: int
+    num_rejected: int
+    shards: tuple[ShardInfo, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What ``manifest.json`` records. ``config`` holds the build settings that decide the
+    bytes, as the build recorded them; ``stats``, ``mean`` and ``rejected`` name files
+    beside the manifest (None: not written, e.g. no train split)."""
+
+    config: dict[str, Any]
+    classes: tuple[ClassInfo, ...]
+    splits: dict[str, SplitEntry]
+    stats: str | None = STATS_NAME
+    mean: str | None = MEAN_NAME
+    rejected: str | None = REJECTED_NAME
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (labels are 0..num_classes-1)."""
+        return len(self.classes)
+
+    def split(self, name: str) -> SplitEntry:
+        """The entry of split ``name``; a UserError names the splits there are."""
+        try:
+            return self.splits[name]
+        except KeyError:
+            available = ", ".join(sorted(self.splits)) or "none"
+            raise UserError(
+                f"split {name!r} is not in the shards (available: {available})"
+            ) from None
+
+    def has_samples(self, name: str) -> bool:
+        """True if split ``name`` is there and not empty."""
+        return name in self.splits and self.splits[name].num_samples > 0
+
+    def every_shard(self) -> list[ShardInfo]:
+        """The shards of every split, split by split in manifest order."""
+        return [info for entry in self.splits.values() for info in entry.shards]
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON object of ``manifest.json``, keys in the order the file has them."""
+        return {
+            "format": FORMAT,
+            "config": self.config,
+            "classes": [
+                {"index": entry.index, "wnid": entry.wnid, "name": entry.name}
+                for entry in self.classes
+            ],
+            "splits": {
+                name: {
+                    "num_samples": entry.num_samples,
+                    "num_rejected": entry.num_rejected,
+                    "shards": [shard_info_dict(info) for info in entry.shards],
+                }
+                for name, entry in self.splits.items()
+            },
+            "stats": self.stats,
+            "mean": self.mean,
+            "rejected": self.rejected,
+        }
 
 
 def shard_name(split: str, shard_index: int) -> str:
@@ -35,98 +141,85 @@ def index_name(tar_name: str) -> str:
     return str(Path(tar_name).with_suffix(".idx"))
 
 
+def check_file_name(name: str) -> str:
+    """Return ``name`` if it is a plain file name (no path, no shell syntax), else raise."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise UserError(f"refusing file name {name!r} from the manifest: not a plain file name")
+    return name
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path``, atomically (temp + fsync + rename)."""
     write_text_atomic(Path(path), dumps_json(obj))
 
 
-def _read_json(path: Path, what: str) -> Any:
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    """Write ``DIRECTORY/manifest.json``, atomically: the one writer of manifests."""
+    write_json_atomic(Path(directory) / MANIFEST_NAME, manifest.as_json())
+
+
+# --- the one parser ---------------------------------------------------------------------------
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """The :class:`Manifest` in ``data`` (the bytes of a manifest.json), checked.
+
+    ``where`` names the file (a path or a URL) in the messages. Refused with
+    a UserError: text that is not a JSON object, another format, a missing
+    or mistyped field, a shard that is not a plain ``.tar`` file name.
+    """
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: cannot read {what} ({error})") from None
-
-
-def load_manifest(shards_dir: Path) -> dict:
-    """Load and sanity-check ``SHARDS_DIR/manifest.json``.
-
-    Raises :class:`UserError` when the directory is missing or not a
-    directory, when the manifest is missing (an unfinished or never-run
-    build), unreadable, or of another format.
-    """
-    shards_dir = Path(shards_dir)
-    if not shards_dir.exists():
-        raise UserError(f"shard directory {shards_dir} does not exist")
-    if not shards_dir.is_dir():
-        raise UserError(f"{shards_dir} is not a directory")
-    path = shards_dir / MANIFEST_NAME
-    if not path.is_file():
-        raise UserError(
-            f"{shards_dir} is not a complete alexpipe shard directory (no {MANIFEST_NAME}); "
-            "run build-shards"
-        )
-    return check_format(_read_json(path, "the manifest"), str(path))
-
-
-def check_format(manifest: Any, label: str) -> dict:
-    """Check that ``manifest`` is an alexpipe manifest of this format; return it.
-
-    ``label`` names where it came from (a path or a URL) in the messages.
-    """
-    if not isinstance(manifest, dict):
-        raise UserError(f"{label}: expected a JSON object")
-    found = manifest.get("format")
+        document = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{where}: cannot read the manifest ({error})") from None
+    if not isinstance(document, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    found = document.get("format")
     if found != FORMAT:
         raise UserError(
-            f"{label}: shards of format {found!r}, this alexpipe reads {FORMAT!r}; "
+            f"{where}: shards of format {found!r}, this alexpipe reads {FORMAT!r}; "
             "rebuild them with build-shards"
         )
-    if not isinstance(manifest.get("splits"), dict):
-        raise UserError(f"{label}: no 'splits' section")
-    return manifest
-
-
-def split_entry(manifest: dict, split: str) -> dict:
-    """The manifest's section for ``split``; a UserError names the splits there are."""
-    splits = manifest["splits"]
-    if split not in splits:
-        available = ", ".join(sorted(splits)) or "none"
-        raise UserError(f"split {split!r} is not in the shards (available: {available})")
-    return splits[split]
-
-
-def shard_infos(manifest: dict, split: str) -> list[ShardInfo]:
-    """The shards of ``split`` as the manifest records them, in order."""
-    return [
-        ShardInfo(
-            file=entry["file"],
-            num_samples=int(entry["num_samples"]),
-            bytes=int(entry["bytes"]),
-            sha256=entry["sha256"],
+    if not isinstance(document.get("splits"), dict):
+        raise UserError(f"{where}: no 'splits' section")
+    try:
+        return Manifest(
+            config=dict(document.get("config", {})),
+            classes=tuple(
+                ClassInfo(int(entry["index"]), str(entry["wnid"]), str(entry["name"]))
+                for entry in document.get("classes", [])
+            ),
+            splits={
+                str(name): _split_entry(entry, where) for name, entry in document["splits"].items()
+            },
+            stats=_optional_name(document, "stats"),
+            mean=_optional_name(document, "mean"),
+            rejected=_optional_name(document, "rejected"),
         )
-        for entry in split_entry(manifest, split)["shards"]
-    ]
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{where}: malformed manifest ({type(error).__name__}: {error})") from None
 
 
-def shard_paths(shards_dir: Path, split: str, manifest: dict | None = None) -> list[Path]:
-    """Paths of the tars of ``split``, in manifest order."""
-    shards_dir = Path(shards_dir)
-    manifest = manifest if manifest is not None else load_manifest(shards_dir)
-    return [shards_dir / info.file for info in shard_infos(manifest, split)]
+def _split_entry(entry: dict, where: str) -> SplitEntry:
+    shards = []
+    for row in entry.get("shards", []):
+        if not str(row.get("file", "")).endswith(".tar"):
+            raise UserError(f"{where}: shard entry {row!r} does not name a .tar file")
+        shards.append(
+            ShardInfo(
+                file=check_file_name(row["file"]),
+                num_samples=int(row["num_samples"]),
+                bytes=int(row["bytes"]),
+                sha256=str(row["sha256"]),
+            )
+        )
+    return SplitEntry(
+        num_samples=int(entry["num_samples"]),
+        num_rejected=int(entry.get("num_rejected", 0)),
+        shards=tuple(shards),
+    )
 
 
-def index_paths(shards_dir: Path, split: str, manifest: dict | None = None) -> list[Path]:
-    """Paths of the DALI index files of ``split``, parallel to :func:`shard_paths`."""
-    return [path.with_suffix(".idx") for path in shard_paths(shards_dir, split, manifest)]
-
-
-def num_samples(manifest: dict, split: str) -> int:
-    """Number of samples of ``split``."""
-    return int(split_entry(manifest, split)["num_samples"])
-
-
-def num_classes(manifest: dict) -> int:
-    """Number of classes (labels are 0..num_classes-1)."""
-    return len(manifest["classes"])
+def _optional_name(document: dict, key: str) -> str | None:
+    value = document.get(key)
+    return None if value is None else check_file_name(value)

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from shards.errors import UserError
-from shards.index import parse_index, split_name
-from shards.writer import ShardInfo
+from shards.index import split_name
 
 HASH_CHUNK = 1 << 20
 
@@ -140,23 +139,3 @@ def sha256_of_file(path: Path) -> str:
         while chunk := handle.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def read_shard_info(tar_path: Path) -> ShardInfo:
-    """The :class:`ShardInfo` of a shard already on disk (e.g. kept by a resumed build).
-
-    Size and sha256 come from the tar; the sample count from its index,
-    which ``write_shard`` always makes final before the tar.
-    """
-    tar_path = Path(tar_path)
-    index_path = tar_path.with_suffix(".idx")
-    try:
-        samples = parse_index(index_path.read_text(encoding="ascii"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ShardFormatError(f"{index_path.name}: cannot read index ({error})") from None
-    return ShardInfo(
-        file=tar_path.name,
-        num_samples=len(samples),
-        bytes=tar_path.stat().st_size,
-        sha256=sha256_of_file(tar_path),
-    )

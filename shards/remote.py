@@ -31,7 +31,6 @@ import contextlib
 import http.client
 import io
 import json
-import re
 import subprocess
 import tempfile
 import time
@@ -46,13 +45,12 @@ from shards.manifest import (
     MANIFEST_NAME,
     MEAN_NAME,
     STATS_NAME,
-    check_format,
+    Manifest,
+    check_file_name,
     index_name,
-    load_manifest,
+    parse_manifest,
 )
 
-# Names that can go into a URL, a path or a shell command unquoted.
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 PLACEHOLDER = "{file}"
 CHUNK_BYTES = 1 << 20
 # Manifests, statistics, mean images and index files are read whole into memory;
@@ -65,13 +63,6 @@ RETRY_PAUSE_SECONDS = 0.5
 
 class SourceFileMissing(UserError):
     """The source has no file of that name (HTTP 404, no such key, no such file)."""
-
-
-def check_file_name(name: str) -> str:
-    """Return ``name`` if it is a plain file name (no path, no shell syntax), else raise."""
-    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
-        raise UserError(f"refusing file name {name!r} from the manifest: not a plain file name")
-    return name
 
 
 class ShardSource:
@@ -313,45 +304,40 @@ def _read_json(source: ShardSource, name: str, what: str) -> Any:
         raise UserError(f"{source.describe(name)}: cannot read {what} ({error})") from None
 
 
-def check_manifest(manifest: Any, label: str) -> dict:
-    """The same checks as ``load_manifest``, plus plain shard file names; returns the manifest."""
-    splits = check_format(manifest, label)["splits"]
-    for split in splits.values():
-        for entry in split.get("shards", []):
-            if not str(entry.get("file", "")).endswith(".tar"):
-                raise UserError(f"{label}: shard entry {entry!r} does not name a .tar file")
-            check_file_name(entry["file"])
-    return manifest
-
-
-def read_manifest(source: ShardSource) -> dict:
-    """Load and check ``manifest.json`` from ``source``; a UserError says what is wrong."""
+def read_manifest(location: ShardSource | str | Path) -> Manifest:
+    """The manifest of a shard directory or location (a :class:`ShardSource`, or what
+    :func:`open_source` takes): the one reader of ``manifest.json``. A UserError says what
+    is wrong: no such directory, no manifest (an unfinished build), a damaged or foreign one."""
+    source = location if isinstance(location, ShardSource) else open_source(location)
     if isinstance(source, LocalSource):
-        return check_manifest(load_manifest(source.directory), str(source.directory))
+        if not source.directory.exists():
+            raise UserError(f"shard directory {source.directory} does not exist")
+        if not source.directory.is_dir():
+            raise UserError(f"{source.directory} is not a directory")
     try:
-        manifest = _read_json(source, MANIFEST_NAME, "the manifest")
+        data = read_bytes(source, MANIFEST_NAME)
     except SourceFileMissing as error:
         raise UserError(
             f"{source.location} is not a complete alexpipe shard directory ({error}); "
             "run build-shards, or check the location"
         ) from None
-    return check_manifest(manifest, source.describe(MANIFEST_NAME))
+    return parse_manifest(data, source.describe(MANIFEST_NAME))
 
 
-def read_stats(source: ShardSource, manifest: dict) -> dict:
+def read_stats(source: ShardSource, manifest: Manifest) -> dict:
     """The dataset statistics the manifest names (``stats.json``)."""
-    name = check_file_name(manifest.get("stats") or STATS_NAME)
+    name = check_file_name(manifest.stats or STATS_NAME)
     stats = _read_json(source, name, "statistics")
     if not isinstance(stats, dict):
         raise UserError(f"{source.describe(name)}: expected a JSON object")
     return stats
 
 
-def read_mean(source: ShardSource, manifest: dict):
+def read_mean(source: ShardSource, manifest: Manifest):
     """The mean image (``mean.npy``, float32 H×W×3) as a numpy array."""
     import numpy as np
 
-    name = check_file_name(manifest.get("mean") or MEAN_NAME)
+    name = check_file_name(manifest.mean or MEAN_NAME)
     try:
         return np.load(io.BytesIO(read_bytes(source, name)), allow_pickle=False)
     except ValueError as error:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards.index import IndexFormatError, group_components, parse_index
-from shards.manifest import MEAN_NAME, index_name, load_manifest, shard_infos
+from shards.manifest import MEAN_NAME, Manifest, index_name
 from shards.reader import (
     ShardFormatError,
     decode_label,
@@ -27,6 +27,7 @@ from shards.reader import (
     iter_shard,
     sha256_of_file,
 )
+from shards.remote import read_manifest
 from shards.writer import MEMBER_EXTENSIONS, ShardInfo
 
 # Past this many problems in one shard, the rest are counted, not listed:
@@ -178,9 +179,9 @@ def _capped(report: ShardReport, name: str) -> ShardReport:
     return report
 
 
-def _check_statistics(shards_dir: Path, manifest: dict, size: int) -> list[str]:
+def _check_statistics(shards_dir: Path, manifest: Manifest, size: int) -> list[str]:
     problems = []
-    stats_name = manifest.get("stats")
+    stats_name = manifest.stats
     if stats_name:
         try:
             stats = json.loads((shards_dir / stats_name).read_text(encoding="utf-8"))
@@ -204,7 +205,7 @@ def _check_statistics(shards_dir: Path, manifest: dict, size: int) -> list[str]:
                 )
         except (OSError, ValueError) as error:
             problems.append(f"{MEAN_NAME}: unreadable ({error})")
-    elif "train" in manifest["splits"]:
+    elif "train" in manifest.splits:
         problems.append(f"{MEAN_NAME}: missing")
     return problems
 
@@ -213,7 +214,7 @@ def verify_shards(
     shards_dir: Path,
     decode: bool = False,
     progress: Callable[[str], None] | None = None,
-    manifest: dict | None = None,
+    manifest: Manifest | None = None,
 ) -> list[str]:
     """Verify a shard directory; return its problems, one line each (empty = intact).
 
@@ -223,15 +224,15 @@ def verify_shards(
     the caller has loaded it already.
     """
     shards_dir = Path(shards_dir)
-    manifest = manifest if manifest is not None else load_manifest(shards_dir)
-    num_classes = len(manifest.get("classes", []))
-    size = int(manifest.get("config", {}).get("size", 256))
+    manifest = manifest if manifest is not None else read_manifest(shards_dir)
+    num_classes = manifest.num_classes
+    size = int(manifest.config.get("size", 256))
     problems: list[str] = []
     listed: set[str] = set()
-    for split, entry in manifest["splits"].items():
+    for split, entry in manifest.splits.items():
         key_shards: dict[str, str] = {}
         total = 0
-        for info in shard_infos(manifest, split):
+        for info in entry.shards:
             listed.update((info.file, index_name(info.file)))
             report = verify_shard(
                 shards_dir / info.file, info, num_classes, size if decode else None
@@ -244,7 +245,7 @@ def verify_shards(
                 key_shards.setdefault(key, info.file)
             if progress is not None:
                 progress(info.file)
-        recorded = int(entry.get("num_samples", -1))
+        recorded = entry.num_samples
         if total != recorded:
             problems.append(f"{split}: {total} samples in the shards, manifest says {recorded}")
     for path in sorted(shards_dir.glob("*.tar")) + sorted(shards_dir.glob("*.idx")):

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards.manifest import write_json_atomic
-from shards.writer import ShardSample, shard_info_dict, write_shard
+from shards.manifest import ClassInfo, Manifest, SplitEntry, write_json_atomic, write_manifest
+from shards.writer import ShardSample, write_shard
 
 IMAGE_SIZE = 256
 NUM_CLASSES = 3
@@ -28,18 +28,21 @@ TRAIN_SHARD_SIZE = 20  # 5 shards, the last one short
 VAL_SHARD_SIZE = 5
 
 
-def coordinate_image(seed: int) -> np.ndarray:
-    """uint8 256×256×3: R = x, G = y, B = a smooth random texture."""
+def coordinate_image(seed: int, sharp: bool = False) -> np.ndarray:
+    """uint8 256×256×3: R = x, G = y, B = a smooth random texture (blocks with hard
+    edges if ``sharp``: colour edges, where decoders' chroma upsampling differs)."""
     rows, columns = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
     generator = np.random.default_rng(seed)
     coarse = generator.integers(0, 256, (8, 8), dtype=np.uint8)
-    texture = np.asarray(Image.fromarray(coarse).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))
+    resample = Image.NEAREST if sharp else Image.BICUBIC
+    texture = np.asarray(Image.fromarray(coarse).resize((IMAGE_SIZE, IMAGE_SIZE), resample))
     return np.stack([columns, rows, texture], axis=-1).astype(np.uint8)
 
 
-def encode_jpeg(pixels: np.ndarray) -> bytes:
+def encode_jpeg(pixels: np.ndarray, subsampling: int = 0) -> bytes:
+    """Quality 95; ``subsampling`` is PIL's: 0 for 4:4:4, 2 for 4:2:0 (what builds write)."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95, subsampling=0)
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95, subsampling=subsampling)
     return buffer.getvalue()
 
 
@@ -69,24 +72,29 @@ def dataset_stats(images: list[np.ndarray]) -> tuple[dict, np.ndarray]:
     return stats, stack.mean(axis=0).astype(np.float32)
 
 
-def _write_split(out: Path, split: str, samples: list[ShardSample], shard_size: int) -> dict:
-    shards = []
-    for shard_index, start in enumerate(range(0, len(samples), shard_size)):
-        info = write_shard(
-            out / f"{split}-{shard_index:06d}.tar", samples[start : start + shard_size]
-        )
-        shards.append(shard_info_dict(info))
-    return {"num_samples": len(samples), "num_rejected": 0, "shards": shards}
+def _write_split(out: Path, split: str, samples: list[ShardSample], shard_size: int) -> SplitEntry:
+    shards = [
+        write_shard(out / f"{split}-{shard_index:06d}.tar", samples[start : start + shard_size])
+        for shard_index, start in enumerate(range(0, len(samples), shard_size))
+    ]
+    return SplitEntry(len(samples), 0, tuple(shards))
 
 
-def build_shard_dir(out: Path, train_images: int = TRAIN_IMAGES, val_images: int = VAL_IMAGES):
-    """Write a complete shard directory (SPEC §4 files) into ``out``; return ``out``."""
+def build_shard_dir(
+    out: Path,
+    train_images: int = TRAIN_IMAGES,
+    val_images: int = VAL_IMAGES,
+    subsampling: int = 0,
+    sharp: bool = False,
+) -> Path:
+    """Write a complete shard directory (manifest, stats, mean, shards) into ``out``;
+    ``subsampling`` and ``sharp`` as for :func:`encode_jpeg` and :func:`coordinate_image`."""
     out.mkdir(parents=True, exist_ok=True)
     splits, decoded_train = {}, []
     for split, count, seed_base in (("train", train_images, 0), ("val", val_images, 10_000)):
         samples = []
         for index in range(count):
-            jpg = encode_jpeg(coordinate_image(seed_base + index))
+            jpg = encode_jpeg(coordinate_image(seed_base + index, sharp), subsampling)
             if split == "train":
                 decoded_train.append(decode_jpeg(jpg))
             key = f"{split}_{index:05d}"
@@ -107,9 +115,8 @@ def build_shard_dir(out: Path, train_images: int = TRAIN_IMAGES, val_images: int
     stats, mean_image = dataset_stats(decoded_train)
     write_json_atomic(out / "stats.json", stats)
     np.save(out / "mean.npy", mean_image)
-    manifest = {
-        "format": "alexpipe-shards/1",
-        "config": {
+    manifest = Manifest(
+        config={
             "size": IMAGE_SIZE,
             "quality": 95,
             "resize": "center-crop",
@@ -117,14 +124,13 @@ def build_shard_dir(out: Path, train_images: int = TRAIN_IMAGES, val_images: int
             "seed": 0,
             "layout": "folder",
         },
-        "classes": [
-            {"index": label, "wnid": f"n{label:08d}", "name": f"class {label}"}
-            for label in range(NUM_CLASSES)
-        ],
-        "splits": splits,
-        "stats": "stats.json",
-    }
-    write_json_atomic(out / "manifest.json", manifest)
+        classes=tuple(
+            ClassInfo(label, f"n{label:08d}", f"class {label}") for label in range(NUM_CLASSES)
+        ),
+        splits=splits,
+        rejected=None,
+    )
+    write_manifest(out, manifest)
     return out
 
 

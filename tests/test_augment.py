@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from pipeline.load.augment import (
+    AugmentDraws,
+    AugmentSpec,
     Normalize,
-    center_draws,
     channel_shift,
     crop_and_flip,
     denormalize,
     draw_augmentation,
     lighting_offsets,
-    recover_alphas,
     spec_from_stats,
     ten_crop_geometry,
     train_reference,
@@ -32,6 +32,21 @@ STATS = {
 def make_spec(normalize="paper", lighting_std=0.1):
     mean_image = np.random.default_rng(1).uniform(0, 255, (256, 256, 3)).astype(np.float32)
     return spec_from_stats(STATS, mean_image, normalize, lighting_std), mean_image
+
+
+def recover_alphas(offsets: np.ndarray, spec: AugmentSpec) -> np.ndarray:
+    """Invert :func:`lighting_offsets`: project [N, 3] offsets on the eigenvectors, × 255/eigval."""
+    eigvals = np.asarray(spec.eigvals, dtype=np.float64)
+    eigvecs = np.asarray(spec.eigvecs, dtype=np.float64)
+    return np.asarray(offsets, dtype=np.float64) @ eigvecs * 255.0 / eigvals
+
+
+def center_draws(num_samples: int, spec: AugmentSpec) -> AugmentDraws:
+    """Draws that reproduce validation: central crop, no flip, no lighting."""
+    center = np.full(num_samples, spec.center_offset, dtype=np.int16)
+    return AugmentDraws(
+        center, center.copy(), np.zeros(num_samples, bool), np.zeros((num_samples, 3), np.float32)
+    )
 
 
 def coordinates() -> np.ndarray:

@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import build_shard_dir
 from PIL import Image
 from scipy import stats as scipy_stats
 
 from pipeline.load.augment import AugmentDraws, draw_augmentation
 from pipeline.load.epochs import num_batches, plan_epoch, rank_batch_sizes, rank_batch_starts
+from pipeline.load.interface import Device, Loader, ResumableLoader, parse_device
 from pipeline.load.loader import create_loader
 from pipeline.load.samples import SampleReader, _strict_member_columns, _uniform_member_columns
 from shards.errors import UserError
@@ -30,6 +32,13 @@ from shards.errors import UserError
 BACKENDS = ["dali", "torch"]
 LEVELS = 2.0  # allowed difference between decoders, in 0..255 units
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def shard_dir_420(tmp_path_factory):
+    """The fixture's images with hard colour edges, stored 4:2:0 as builds store them: where
+    decoders that upsample chroma differently give different pixels."""
+    return build_shard_dir(tmp_path_factory.mktemp("shards-420"), subsampling=2, sharp=True)
 
 
 def to_pixels(images: torch.Tensor, shard_dir, normalize: str) -> np.ndarray:
@@ -251,7 +260,7 @@ def test_pinned_dali_train_equals_torch_reference(shard_dir, normalize):
         to_pixels(dali[0], shard_dir, normalize) - to_pixels(reference[0], shard_dir, normalize)
     )
     assert difference.max() <= LEVELS, difference.max()
-    # and the pinned crops, flips and lighting are what came out (SPEC §6 offset removed first)
+    # and the pinned crops, flips and lighting are what came out (lighting offset removed first)
     stats = json.loads((shard_dir / "stats.json").read_text())
     eigvals, eigvecs = np.asarray(stats["eigvals"]), np.asarray(stats["eigvecs"])
     positions = index_to_position(create_loader(shard_dir, "train", backend="torch"))
@@ -288,6 +297,38 @@ def test_val_dali_equals_torch_reference(shard_dir, ten_crop):
         - to_pixels(outputs[1][0], shard_dir, "channel")
     )
     assert difference.max() <= LEVELS
+
+
+def test_dali_equals_torch_reference_on_420_shards(shard_dir_420):
+    """The CPU decoders agree on 4:2:0 colour edges too (both upsample chroma "fancily")."""
+    outputs = [
+        run_epochs(create_loader(shard_dir_420, "val", batch_size=8, backend=backend), 1)[0][0]
+        for backend in BACKENDS
+    ]
+    difference = np.abs(
+        to_pixels(outputs[0], shard_dir_420, "paper")
+        - to_pixels(outputs[1], shard_dir_420, "paper")
+    )
+    assert difference.max() <= LEVELS
+
+
+@pytest.mark.parametrize(("split", "ten_crop"), [("train", False), ("val", False), ("val", True)])
+def test_pipeline_outputs_are_on_the_declared_device(shard_dir, split, ten_crop):
+    """Images, labels and indices all leave the pipeline on its device (a GPU pipeline's
+    graph is defined, not built, so this runs without one)."""
+    from nvidia.dali import Pipeline
+
+    from pipeline.load.dali_pipes import BatchFeeder, train_pipeline, val_pipeline
+
+    loader = create_loader(shard_dir, split, batch_size=4, backend="torch", ten_crop=ten_crop)
+    feeder = BatchFeeder(loader.reader(), loader.spec, train=split == "train")
+    for device, device_id in (("cpu", None), ("gpu", 0)):
+        with Pipeline(batch_size=4, num_threads=1, device_id=device_id):
+            if split == "train":
+                outputs = train_pipeline.__wrapped__(feeder, loader.spec, device)
+            else:
+                outputs = val_pipeline.__wrapped__(feeder, loader.spec, device, ten_crop)
+        assert [output.device for output in outputs] == [device] * 3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -345,7 +386,7 @@ def test_random_crops_flips_and_lighting_follow_the_spec(shard_dir, shard_stats,
                 drawn.offset_y[position],
                 drawn.flip[position],
             )
-            # alpha_k = (eigvector_k . offset) * 255 / eigval_k  (SPEC §6 inverted)
+            # alpha_k = (eigvector_k . offset) * 255 / eigval_k  (the lighting formula inverted)
             alpha = eigvecs.T @ sample_offset * 255.0 / eigvals
             np.testing.assert_allclose(alpha, drawn.alpha[position], atol=2e-3)
             offsets += [x, y]
@@ -488,9 +529,21 @@ def test_memory_is_flat_across_epochs(shard_dir):
     assert max(rss) - max(warmup_rss) < 96 * 2**20, (warmup_rss, rss)
 
 
+def test_loaders_offer_what_the_trainer_needs(shard_dir):
+    for backend in BACKENDS:
+        loader = create_loader(shard_dir, "val", batch_size=4, backend=backend)
+        assert isinstance(loader, Loader) and isinstance(loader, ResumableLoader)
+        loader.close()
+    assert not isinstance([], Loader)
+    assert parse_device("gpu") is parse_device("cuda") is Device.CUDA
+    assert parse_device("cpu") is Device.CPU
+
+
 def test_bad_arguments_are_user_errors(shard_dir, tmp_path):
     with pytest.raises(UserError):
         create_loader(shard_dir, backend="tensorflow")
+    with pytest.raises(UserError, match="choose from cpu, cuda"):
+        create_loader(shard_dir, device="tpu")
     with pytest.raises(UserError):
         create_loader(shard_dir, split="train", ten_crop=True)
     with pytest.raises(UserError):
@@ -549,10 +602,13 @@ def test_preview_writes_a_grid_of_train_crops(shard_dir, tmp_path):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("chroma", ["4:4:4", "4:2:0"])
 @pytest.mark.parametrize(("split", "ten_crop"), [("train", False), ("val", False), ("val", True)])
-def test_gpu_pipeline_equals_cpu_pipeline(shard_dir, split, ten_crop):
+def test_gpu_pipeline_equals_cpu_pipeline(request, chroma, split, ten_crop):
+    """nvJPEG against libjpeg-turbo; 4:2:0 colour edges need the same chroma upsampling."""
+    shard_dir = request.getfixturevalue("shard_dir" if chroma == "4:4:4" else "shard_dir_420")
     outputs = []
-    for device in ("cpu", "gpu"):
+    for device in ("cpu", "cuda"):
         loader = create_loader(
             shard_dir,
             split,
@@ -563,8 +619,9 @@ def test_gpu_pipeline_equals_cpu_pipeline(shard_dir, split, ten_crop):
             draw_augmentation=pinned_draws,
         )
         images, labels, indices = run_epochs(loader, 1)[0]
-        if device == "gpu":
-            assert images.is_cuda and labels.is_cuda and images.dtype == torch.float32
+        if device == "cuda":
+            assert images.is_cuda and labels.is_cuda and indices.is_cuda
+            assert images.dtype == torch.float32
         outputs.append((images.cpu(), indices.cpu()))
     assert torch.equal(outputs[0][1], outputs[1][1])
     difference = np.abs(
@@ -577,7 +634,7 @@ def test_gpu_pipeline_equals_cpu_pipeline(shard_dir, split, ten_crop):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_memory_is_flat_across_epochs(shard_dir):
-    loader = create_loader(shard_dir, "train", batch_size=16, device="gpu")
+    loader = create_loader(shard_dir, "train", batch_size=16, device="gpu")  # the alias
     list(loader)
     torch.cuda.synchronize()
     free_before, _ = torch.cuda.mem_get_info()  # device-wide: DALI has its own allocator

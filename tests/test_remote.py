@@ -26,7 +26,7 @@ from shards.atomic import is_temporary
 from shards.cache import ShardCache
 from shards.errors import UserError
 from shards.index import parse_index
-from shards.manifest import FORMAT, shard_infos, write_json_atomic
+from shards.manifest import ClassInfo, Manifest, SplitEntry, write_json_atomic, write_manifest
 from shards.reader import iter_shard, sha256_of_file
 from shards.remote import (
     HttpSource,
@@ -53,7 +53,7 @@ def make_jpeg(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def build_dataset(directory: Path) -> dict:
+def build_dataset(directory: Path) -> Manifest:
     """Train and val shards, stats.json, mean.npy and a manifest (SPEC §4); returns the manifest."""
     directory.mkdir(parents=True)
     splits = {}
@@ -69,13 +69,8 @@ def build_dataset(directory: Path) -> dict:
                 )
                 for position in range(SAMPLES_PER_SHARD)
             ]
-            info = write_shard(directory / f"{split}-{shard_index:06d}.tar", samples)
-            entries.append(vars(info))
-        splits[split] = {
-            "num_samples": count * SAMPLES_PER_SHARD,
-            "num_rejected": 0,
-            "shards": entries,
-        }
+            entries.append(write_shard(directory / f"{split}-{shard_index:06d}.tar", samples))
+        splits[split] = SplitEntry(count * SAMPLES_PER_SHARD, 0, tuple(entries))
     stats = {
         "num_images": 24,
         "num_pixels": 24 * 256 * 256,
@@ -89,9 +84,8 @@ def build_dataset(directory: Path) -> dict:
     write_json_atomic(directory / "stats.json", stats)
     mean = numpy.arange(256 * 256 * 3, dtype=numpy.float32).reshape(256, 256, 3) % 255
     numpy.save(directory / "mean.npy", mean)
-    manifest = {
-        "format": FORMAT,
-        "config": {
+    manifest = Manifest(
+        config={
             "size": 16,
             "quality": 90,
             "resize": "center-crop",
@@ -99,11 +93,10 @@ def build_dataset(directory: Path) -> dict:
             "seed": 0,
             "layout": "folder",
         },
-        "classes": [{"index": k, "wnid": f"n{k:08d}", "name": ""} for k in range(NUM_CLASSES)],
-        "splits": splits,
-        "stats": "stats.json",
-    }
-    write_json_atomic(directory / "manifest.json", manifest)
+        classes=tuple(ClassInfo(k, f"n{k:08d}", "") for k in range(NUM_CLASSES)),
+        splits=splits,
+    )
+    write_manifest(directory, manifest)
     return manifest
 
 
@@ -138,10 +131,10 @@ def served(tmp_path):
         thread.join()
 
 
-def dataset_bytes(directory: Path, manifest: dict, split: str = "train") -> int:
+def dataset_bytes(directory: Path, manifest: Manifest, split: str = "train") -> int:
     return sum(
         info.bytes + (directory / info.file).with_suffix(".idx").stat().st_size
-        for info in shard_infos(manifest, split)
+        for info in manifest.split(split).shards
     )
 
 
@@ -192,7 +185,7 @@ def test_half_size_cache_stages_every_shard_verified_and_stays_bounded(served, t
     assert read_manifest(source) == manifest
     limit = dataset_bytes(directory, manifest) // 2
     cache_dir = tmp_path / "cache"
-    names = [info.file for info in shard_infos(manifest, "train")]
+    names = [info.file for info in manifest.split("train").shards]
     order = [names[k] for k in numpy.random.default_rng(7).permutation(len(names))]
     watcher = DiskWatcher(cache_dir)
     seen = []
@@ -295,7 +288,7 @@ def test_stale_index_is_detected(served, tmp_path):
 
 def test_open_verified_reads_a_shard_as_a_tar_stream(served):
     url, directory, manifest, _requests = served
-    info = shard_infos(manifest, "val")[0]
+    info = manifest.split("val").shards[0]
     assert info.file == "val-000000.tar"
     with open_verified(open_source(url), info) as stream:
         with tarfile.open(fileobj=stream, mode="r|") as archive:
@@ -319,7 +312,7 @@ def test_pipe_source_stages_with_cat(served, tmp_path):
     source = open_source(f"pipe:cat {directory}/{{file}}")
     assert read_manifest(source) == manifest
     limit = dataset_bytes(directory, manifest) // 2
-    names = [info.file for info in shard_infos(manifest, "train")]
+    names = [info.file for info in manifest.split("train").shards]
     with ShardCache(source, manifest, tmp_path / "cache", limit) as cache:
         cache.prefetch(names)
         for name in names:
@@ -363,8 +356,9 @@ def test_location_checks(served, tmp_path):
     # Shard names come from a possibly remote manifest and end up in shell commands.
     hostile = tmp_path / "hostile"
     shutil.copytree(directory, hostile)
-    manifest["splits"]["train"]["shards"][0]["file"] = "x;rm -rf ~;.tar"
-    write_json_atomic(hostile / "manifest.json", manifest)
+    document = manifest.as_json()
+    document["splits"]["train"]["shards"][0]["file"] = "x;rm -rf ~;.tar"
+    write_json_atomic(hostile / "manifest.json", document)
     with pytest.raises(UserError, match="not a plain file name"):
         read_manifest(open_source(f"pipe:cat {hostile}/{{file}}"))
 
@@ -377,7 +371,7 @@ def test_local_source_needs_no_copy_and_cache_limits_are_checked(served, tmp_pat
         cache.release("train-000000.tar")
     assert not (tmp_path / "unused").exists()
     remote = open_source(f"pipe:cat {directory}/{{file}}")
-    largest = max(info.bytes for info in shard_infos(manifest, "train"))
+    largest = max(info.bytes for info in manifest.split("train").shards)
     with pytest.raises(UserError, match="too small.*--cache-size"):
         ShardCache(remote, manifest, tmp_path / "cache", largest)
     with ShardCache(remote, manifest, tmp_path / "cache", 10**9):

@@ -26,8 +26,8 @@ from pipeline.load.staging import describe_bytes
 from shards.atomic import is_temporary
 from shards.errors import UserError
 from shards.index import parse_index
-from shards.manifest import load_manifest, shard_infos
 from shards.reader import iter_shard, sha256_of_file
+from shards.remote import read_manifest
 from shards.verified import ShardVerificationError
 
 TRAIN_IMAGES = 160  # 8 shards of 20
@@ -73,7 +73,7 @@ def served(tmp_path_factory):
 
 def split_bytes(directory: Path, split: str = "train") -> int:
     """Bytes of a split's tars and index files: what the cache counts."""
-    infos = shard_infos(load_manifest(directory), split)
+    infos = read_manifest(directory).split(split).shards
     return sum(
         info.bytes + (directory / info.file).with_suffix(".idx").stat().st_size for info in infos
     )
@@ -236,8 +236,8 @@ def test_train_and_eval_commands_read_http_shards(served, tmp_path, one_torch_th
     (evaluation,) = [row for row in rows if "top1_err" in row]
     assert 0 <= evaluation["top1_err"] <= 1
     # One process: its cache is CACHE_DIR/rank-0, holding verified copies of the served shards.
-    manifest = load_manifest(directory)
-    digests = {info.sha256 for split in ("train", "val") for info in shard_infos(manifest, split)}
+    manifest = read_manifest(directory)
+    digests = {info.sha256 for info in manifest.every_shard()}
     staged = list((cache_dir / "rank-0").glob("*.tar"))
     assert staged and {sha256_of_file(path) for path in staged} <= digests
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -20,22 +21,25 @@ from shards.errors import UserError
 from shards.index import IndexFormatError, build_index, parse_index
 from shards.manifest import (
     FORMAT,
-    index_paths,
-    load_manifest,
+    ClassInfo,
+    Manifest,
+    SplitEntry,
+    index_name,
+    parse_manifest,
     shard_name,
-    shard_paths,
     write_json_atomic,
+    write_manifest,
 )
 from shards.reader import (
     ShardFormatError,
     decode_label,
     iter_members,
     iter_shard,
-    read_shard_info,
+    sha256_of_file,
 )
-from shards.remote import LocalSource, read_stats
+from shards.remote import LocalSource, read_manifest, read_stats
 from shards.verify import verify_shards
-from shards.writer import ShardSample, write_shard
+from shards.writer import ShardInfo, ShardSample, write_shard
 
 SIZE = 256
 NUM_CLASSES = 3
@@ -63,7 +67,13 @@ def make_samples(prefix: str, count: int, start: int = 0) -> list[ShardSample]:
     ]
 
 
-def build_directory(directory: Path) -> dict:
+def read_shard_info(tar_path: Path) -> ShardInfo:
+    """A shard's record read back from disk: size and sha256 of the tar, samples of its index."""
+    samples = parse_index(tar_path.with_suffix(".idx").read_text(encoding="ascii"))
+    return ShardInfo(tar_path.name, len(samples), tar_path.stat().st_size, sha256_of_file(tar_path))
+
+
+def build_directory(directory: Path) -> Manifest:
     """A complete little shard directory: 2 train shards, 1 val shard, manifest, stats, mean."""
     directory.mkdir(parents=True, exist_ok=True)
     layout = {"train": [make_samples("tr", 4), make_samples("tr", 3, start=4)]}
@@ -74,11 +84,7 @@ def build_directory(directory: Path) -> dict:
             write_shard(directory / shard_name(split, shard_index), samples)
             for shard_index, samples in enumerate(shard_samples)
         ]
-        splits[split] = {
-            "num_samples": sum(info.num_samples for info in infos),
-            "num_rejected": 0,
-            "shards": [vars(info) for info in infos],
-        }
+        splits[split] = SplitEntry(sum(info.num_samples for info in infos), 0, tuple(infos))
     stats = {
         "num_images": 7,
         "num_pixels": 7 * SIZE * SIZE,
@@ -91,14 +97,12 @@ def build_directory(directory: Path) -> dict:
     }
     write_json_atomic(directory / "stats.json", stats)
     numpy.save(directory / "mean.npy", numpy.zeros((SIZE, SIZE, 3), numpy.float32))
-    manifest = {
-        "format": FORMAT,
-        "config": {"size": SIZE, "quality": 90, "resize": "center-crop", "shard_size": 4},
-        "classes": [{"index": i, "wnid": f"n{i:08d}", "name": f"c{i}"} for i in range(3)],
-        "splits": splits,
-        "stats": "stats.json",
-    }
-    write_json_atomic(directory / "manifest.json", manifest)
+    manifest = Manifest(
+        config={"size": SIZE, "quality": 90, "resize": "center-crop", "shard_size": 4},
+        classes=tuple(ClassInfo(i, f"n{i:08d}", f"c{i}") for i in range(3)),
+        splits=splits,
+    )
+    write_manifest(directory, manifest)
     return manifest
 
 
@@ -380,7 +384,7 @@ def test_leftover_temporaries_are_never_picked_up(shard_dir):
     stale.write_bytes(b"partial")
     (shard_dir / ".train-000001.idx.tmp-1-00").write_bytes(b"v1.2 1\n")
     assert verify_shards(shard_dir) == []
-    assert [path.name for path in shard_paths(shard_dir, "train")] == [
+    assert [info.file for info in read_manifest(shard_dir).split("train").shards] == [
         "train-000000.tar",
         "train-000001.tar",
     ]
@@ -393,30 +397,74 @@ def test_leftover_temporaries_are_never_picked_up(shard_dir):
 
 
 def test_manifest_paths_and_stats(shard_dir):
-    manifest = load_manifest(shard_dir)
-    assert manifest["splits"]["train"]["num_samples"] == 7
-    assert [path.name for path in index_paths(shard_dir, "val")] == ["val-000000.idx"]
+    manifest = read_manifest(shard_dir)
+    assert manifest == build_directory(shard_dir.parent / "again")
+    assert manifest.split("train").num_samples == 7 and manifest.num_classes == 3
+    assert [index_name(info.file) for info in manifest.split("val").shards] == ["val-000000.idx"]
     assert read_stats(LocalSource(shard_dir), manifest)["scale"] == "0-255"
     with pytest.raises(UserError, match=r"split 'test' is not in the shards \(available: train"):
-        shard_paths(shard_dir, "test")
+        manifest.split("test")
     # Written with a trailing newline, indented, and nothing left beside it.
     assert (shard_dir / "manifest.json").read_text().startswith('{\n  "format"')
 
 
-def test_load_manifest_errors(tmp_path):
+def test_manifest_file_layout_is_fixed(tmp_path):
+    """The writer renders exactly this text (builds are compared byte for byte)."""
+    shard = ShardInfo("train-000000.tar", 2, 10240, "ab" * 32)
+    manifest = Manifest(
+        config={"size": 256, "layout": "folder", "splits": ["train"]},
+        classes=(ClassInfo(0, "n00000001", "tench"),),
+        splits={"train": SplitEntry(2, 1, (shard,)), "val": SplitEntry(0, 0, ())},
+        stats=None,
+        mean=None,
+    )
+    expected = {
+        "format": FORMAT,
+        "config": {"size": 256, "layout": "folder", "splits": ["train"]},
+        "classes": [{"index": 0, "wnid": "n00000001", "name": "tench"}],
+        "splits": {
+            "train": {
+                "num_samples": 2,
+                "num_rejected": 1,
+                "shards": [
+                    {"file": "train-000000.tar", "num_samples": 2, "bytes": 10240,
+                     "sha256": "ab" * 32}
+                ],
+            },
+            "val": {"num_samples": 0, "num_rejected": 0, "shards": []},
+        },
+        "stats": None,
+        "mean": None,
+        "rejected": "rejected.jsonl",
+    }  # fmt: skip
+    text = json.dumps(expected, indent=2, ensure_ascii=True) + "\n"
+    write_manifest(tmp_path, manifest)
+    assert (tmp_path / "manifest.json").read_text() == text
+    assert parse_manifest(text.encode(), "manifest.json") == manifest
+
+
+def test_read_manifest_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        load_manifest(tmp_path / "nope")
+        read_manifest(tmp_path / "nope")
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is not a directory"):
-        load_manifest(tmp_path / "file")
+        read_manifest(tmp_path / "file")
     with pytest.raises(UserError, match=r"not a complete alexpipe shard directory.*build-shards"):
-        load_manifest(tmp_path)
+        read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot read the manifest"):
-        load_manifest(tmp_path)
+        read_manifest(tmp_path)
     write_json_atomic(tmp_path / "manifest.json", {"format": "alexpipe-shards/0", "splits": {}})
     with pytest.raises(UserError, match="'alexpipe-shards/0'"):
-        load_manifest(tmp_path)
+        read_manifest(tmp_path)
+    write_json_atomic(tmp_path / "manifest.json", {"format": FORMAT, "splits": {"train": {}}})
+    with pytest.raises(UserError, match=r"manifest\.json: malformed manifest \(KeyError"):
+        read_manifest(tmp_path)
+    shard = {"file": "../train-000000.tar", "num_samples": 1, "bytes": 1, "sha256": "0"}
+    splits = {"train": {"num_samples": 1, "shards": [shard]}}
+    write_json_atomic(tmp_path / "manifest.json", {"format": FORMAT, "splits": splits})
+    with pytest.raises(UserError, match="not a plain file name"):
+        read_manifest(tmp_path)
 
 
 # --- verify -------------------------------------------------------------------------------
@@ -472,16 +520,18 @@ def test_verify_catches_index_disagreeing_with_tar(shard_dir):
 
 def test_verify_catches_labels_duplicates_extras_and_bad_jpegs(tmp_path):
     directory = tmp_path / "shards"
-    build_directory(directory)
-    manifest = load_manifest(directory)
-    manifest["classes"] = manifest["classes"][:2]  # label 2 is now out of range
+    manifest = build_directory(directory)
     # A second val shard repeating a key, with a JPEG of the wrong size.
     repeated = make_samples("va", 1, start=100)[0]
     odd = ShardSample("va_00999", make_jpeg(1, size=32), 0, {})
     info = write_shard(directory / "val-000001.tar", [repeated, odd])
-    manifest["splits"]["val"]["shards"].append(vars(info))
-    manifest["splits"]["val"]["num_samples"] += 2
-    write_json_atomic(directory / "manifest.json", manifest)
+    val = manifest.split("val")
+    manifest = dataclasses.replace(
+        manifest,
+        classes=manifest.classes[:2],  # label 2 is now out of range
+        splits={**manifest.splits, "val": SplitEntry(val.num_samples + 2, 0, (*val.shards, info))},
+    )
+    write_manifest(directory, manifest)
     write_shard(directory / "train-000009.tar", make_samples("x", 1))
     problems = verify_shards(directory, decode=True)
     assert "train-000000.tar: sample tr_00002 label 2 outside 0..1" in problems

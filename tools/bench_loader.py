@@ -40,8 +40,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.build.finish import write_statistics  # noqa: E402
 from pipeline.build.stats import PixelStats  # noqa: E402
-from shards.manifest import write_json_atomic  # noqa: E402
-from shards.writer import ShardSample, shard_info_dict, write_shard  # noqa: E402
+from shards.manifest import ClassInfo, Manifest, SplitEntry, write_manifest  # noqa: E402
+from shards.writer import ShardSample, write_shard  # noqa: E402
 
 SHARD_SIZE = 500
 
@@ -84,33 +84,27 @@ def build_synthetic_shards(out: Path, num_images: int, num_classes: int = 10) ->
         samples.append(
             ShardSample(f"img_{index:06d}", buffer.getvalue(), index % num_classes, meta)
         )
-    shards = [
-        shard_info_dict(
-            write_shard(out / f"train-{number:06d}.tar", samples[start : start + SHARD_SIZE])
-        )
+    shards = tuple(
+        write_shard(out / f"train-{number:06d}.tar", samples[start : start + SHARD_SIZE])
         for number, start in enumerate(range(0, num_images, SHARD_SIZE))
-    ]
-    write_statistics(out, pixel_stats)  # stats.json, mean.npy, mean.png as the build writes
-    write_json_atomic(
-        out / "manifest.json",
-        {
-            "format": "alexpipe-shards/1",
-            "config": {
-                "size": 256,
-                "quality": 90,
-                "resize": "center-crop",
-                "shard_size": SHARD_SIZE,
-                "seed": 0,
-                "layout": "synthetic",
-            },
-            "classes": [
-                {"index": label, "wnid": f"n{label:08d}", "name": str(label)}
-                for label in range(num_classes)
-            ],
-            "splits": {"train": {"num_samples": num_images, "num_rejected": 0, "shards": shards}},
-            "stats": "stats.json",
-        },
     )
+    write_statistics(out, pixel_stats)  # stats.json, mean.npy, mean.png as the build writes
+    manifest = Manifest(
+        config={
+            "size": 256,
+            "quality": 90,
+            "resize": "center-crop",
+            "shard_size": SHARD_SIZE,
+            "seed": 0,
+            "layout": "synthetic",
+        },
+        classes=tuple(
+            ClassInfo(label, f"n{label:08d}", str(label)) for label in range(num_classes)
+        ),
+        splits={"train": SplitEntry(num_images, 0, shards)},
+        rejected=None,
+    )
+    write_manifest(out, manifest)
     return out
 
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.load.loader import create_loader  # noqa: E402
-from shards.manifest import load_manifest, num_classes  # noqa: E402
+from shards.remote import read_manifest  # noqa: E402
 from trainer.config import TrainConfig, default_device  # noqa: E402
 from trainer.distributed import DistributedContext  # noqa: E402
 from trainer.engine import measure_batches, to_device, train_step  # noqa: E402
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", action="store_true")
     arguments = parser.parse_args(argv)
 
-    classes = num_classes(load_manifest(arguments.shards))
+    classes = read_manifest(arguments.shards).num_classes
     result = {
         "device": arguments.device,
         "backend": arguments.backend,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for the online loaders, on a machine with a CUDA GPU and DALI:
 #   1. the tests marked `gpu` (DALI GPU pipeline == DALI CPU pipeline, device memory flat);
-#   2. `alexpipe bench-loader --device gpu` (and --device cpu for comparison) on shards;
+#   2. `alexpipe bench-loader --device cuda` (and --device cpu for comparison) on shards;
 #   3. training img/s with real data vs synthetic data (tools/bench_train.py), also with
 #      bf16 + channels-last and with the two-column split.
 # Usage: tools/gpu_check.sh [SHARDS_DIR]   (default: 2000 synthetic images built on the fly)
@@ -30,11 +30,11 @@ from bench_loader import build_synthetic_shards; build_synthetic_shards(Path('$s
 fi
 
 echo "== bench-loader"
-for device in gpu cpu; do
+for device in cuda cpu; do
     "$PYTHON" -m alexpipe.cli bench-loader --shards "$shards" --backend dali --device "$device" \
         --batches 40 --json
 done
-"$PYTHON" -m alexpipe.cli bench-loader --shards "$shards" --backend dali --device gpu \
+"$PYTHON" -m alexpipe.cli bench-loader --shards "$shards" --backend dali --device cuda \
     --batches 100 --batch-size 256 --num-threads 8 --json
 
 echo "== training: real data vs synthetic data (does the loader starve the GPU?)"

@@ -31,24 +31,18 @@ def per_process_batch_size(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def _manifest(shards_dir: str | Path) -> dict:
-    from shards.remote import open_source, read_manifest
-
-    location = shards_dir if isinstance(shards_dir, Path) else str(shards_dir)
-    return read_manifest(open_source(location))
-
-
 def num_classes_in(shards_dir: str | Path) -> int:
     """Number of classes in the manifest of a shard directory or remote location."""
-    from shards.manifest import num_classes
+    from shards.remote import read_manifest
 
-    return num_classes(_manifest(shards_dir))
+    return read_manifest(shards_dir).num_classes
 
 
 def has_split(shards_dir: str | Path, split: str) -> bool:
     """True if the shards (a directory or remote location) hold a non-empty ``split``."""
-    splits = _manifest(shards_dir).get("splits", {})
-    return splits.get(split, {}).get("num_samples", 0) > 0
+    from shards.remote import read_manifest
+
+    return read_manifest(shards_dir).has_samples(split)
 
 
 def local_position(rank: int, world_size: int) -> tuple[int, int]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as functional
 from torch import nn
 
+from pipeline.load.interface import Loader, ResumableLoader
 from trainer.checkpoint import restore_rng_state
 from trainer.distributed import DistributedContext, all_reduce_sum
 from trainer.metrics import CURVES_NAME, plot_curves
@@ -96,7 +97,7 @@ def _log_training_row(session: TrainingSession, progress) -> None:
 def _epoch_batches(session: TrainingSession) -> Iterable:
     """This epoch's remaining batches of the train loader."""
     loader = session.train_loader
-    if not hasattr(loader, "load_state_dict") and hasattr(loader, "set_epoch"):
+    if not isinstance(loader, ResumableLoader) and isinstance(loader, Loader):
         loader.set_epoch(session.position.epoch)
     if session.skip_batches:
         skip, session.skip_batches = session.skip_batches, 0

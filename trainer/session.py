@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.load.interface import ResumableLoader
 from shards.errors import UserError
 from trainer.checkpoint import (
     CHECKPOINT_NAME,
@@ -113,7 +114,7 @@ def load_single_device_state(network: nn.Module, state: dict[str, torch.Tensor])
 
 def loader_state(loader) -> dict | None:
     """The loader's own position, if it can tell."""
-    return loader.state_dict() if hasattr(loader, "state_dict") else None
+    return loader.state_dict() if isinstance(loader, ResumableLoader) else None
 
 
 def save_session(session: TrainingSession) -> None:
@@ -186,7 +187,7 @@ def restore_session(session: TrainingSession, checkpoint: dict) -> None:
     else:
         session.pending_rng = rng_state
     saved_loader = checkpoint["loader"][context.rank]
-    if saved_loader is not None and hasattr(session.train_loader, "load_state_dict"):
+    if saved_loader is not None and isinstance(session.train_loader, ResumableLoader):
         session.train_loader.load_state_dict(saved_loader)
     else:
         # The loader cannot seek: replay the epoch's order and drop what was done.

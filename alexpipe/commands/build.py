@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from shards.errors import UserError
+from shards.manifest import Layout
 
 
 def _splits(value: str) -> tuple[str, ...]:
@@ -31,7 +32,7 @@ def _splits(value: str) -> tuple[str, ...]:
     "--layout",
     default="auto",
     show_default=True,
-    type=click.Choice(["auto", "folder", "tars", "kaggle"]),
+    type=click.Choice([layout.value for layout in Layout]),
     help="Input layout; auto-detected by default.",
 )
 @click.option("--size", default=256, show_default=True, help="Stored image side (pixels).")
@@ -142,11 +143,11 @@ def verify(directory, decode):
     """
     from tqdm import tqdm
 
-    from shards.manifest import load_manifest
+    from shards.remote import read_manifest
     from shards.verify import verify_shards
 
-    manifest = load_manifest(directory)
-    total = sum(len(entry["shards"]) for entry in manifest["splits"].values())
+    manifest = read_manifest(directory)
+    total = len(manifest.every_shard())
     with tqdm(total=total, unit="shard", desc="verify", dynamic_ncols=True) as bar:
         problems = verify_shards(
             directory, decode=decode, progress=lambda _name: bar.update(), manifest=manifest
@@ -163,10 +164,9 @@ def verify(directory, decode):
 @click.option("--json", "as_json", is_flag=True, help="Print stats.json as it is.")
 def stats(directory, as_json):
     """Print the dataset statistics (mean, std, RGB PCA) readably."""
-    from shards.manifest import load_manifest
-    from shards.remote import LocalSource, read_stats
+    from shards.remote import LocalSource, read_manifest, read_stats
 
-    manifest = load_manifest(directory)
+    manifest = read_manifest(directory)
     values = read_stats(LocalSource(directory), manifest)
     if as_json:
         click.echo(json.dumps(values, indent=2))

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import click
 
-BACKENDS = ["dali", "torch"]
-DEVICES = ["cpu", "gpu"]
+from pipeline.load.interface import Backend, Device
+from shards.manifest import SPLITS
+
+BACKENDS = [backend.value for backend in Backend]
+DEVICES = [device.value for device in Device]
 TILE_GAP = 4  # pixels between preview tiles
 
 
@@ -23,7 +26,7 @@ TILE_GAP = 4  # pixels between preview tiles
 )
 @click.option("--backend", type=click.Choice(BACKENDS), default="dali", show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
-@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
+@click.option("--split", type=click.Choice(SPLITS), default="train", show_default=True)
 @click.option(
     "--batches",
     type=click.IntRange(min=1),

@@ -6,8 +6,11 @@ import json
 
 import click
 
+from pipeline.load.interface import Backend, Device
 from shards.errors import UserError
 
+BACKENDS = [backend.value for backend in Backend]
+DEVICES = [device.value for device in Device]
 SHARDS_HELP = "Shard directory, or http(s)://, s3:// or pipe:COMMAND (staged through a cache)."
 CACHE_DIR_HELP = "Local directory for remote shards (default: a temporary one)."
 CACHE_SIZE_HELP = "Size limit of that cache, e.g. 50G (default: twice the minimum)."
@@ -19,8 +22,8 @@ CACHE_SIZE_HELP = "Size limit of that cache, e.g. 50G (default: twice the minimu
 @click.option("--epochs", default=90, show_default=True)
 @click.option("--batch-size", default=128, show_default=True, help="Global batch size.")
 @click.option("--lr", default=0.01, show_default=True)
-@click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda if available.")
-@click.option("--backend", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), help="Default: cuda if available.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="dali", show_default=True)
 @click.option("--parallel", type=click.Choice(["ddp", "columns"]), default="ddp", show_default=True)
 @click.option("--nproc", default=1, show_default=True, help="Local processes (one per GPU).")
 @click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pt.")
@@ -61,8 +64,8 @@ def train(compile_model: bool, device: str | None, **options) -> None:
 @click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path())
 @click.option("--ten-crop", is_flag=True, help="Average the softmax of the paper's 10 patches.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda if available.")
-@click.option("--backend", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), help="Default: cuda if available.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="dali", show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False), help=CACHE_DIR_HELP)
 @click.option("--cache-size", help=CACHE_SIZE_HELP)

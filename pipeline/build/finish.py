@@ -19,12 +19,15 @@ from pipeline.build.plan import ShardPlan, ordered_splits
 from pipeline.build.shard_task import load_partial_stats
 from shards.atomic import dumps_json, remove_temporaries, write_bytes_atomic, write_text_atomic
 from shards.manifest import (
-    FORMAT,
-    MANIFEST_NAME,
     MEAN_NAME,
     MEAN_PNG_NAME,
     REJECTED_NAME,
     STATS_NAME,
+    ClassInfo,
+    Manifest,
+    ShardInfo,
+    SplitEntry,
+    write_manifest,
 )
 
 
@@ -114,22 +117,19 @@ def write_outputs(
             rejected_by_reason=dict(sorted(reasons.items())),
         )
         summaries[split] = summary
-        manifest_splits[split] = {
-            "num_samples": summary.num_samples,
-            "num_rejected": summary.num_rejected,
-            "shards": shard_rows,
-        }
-    manifest = {
-        "format": FORMAT,
-        "config": settings,
-        "classes": classes,
-        "splits": manifest_splits,
-        "stats": STATS_NAME if has_stats else None,
-        "mean": MEAN_NAME if has_stats else None,
-        "rejected": REJECTED_NAME,
-    }
+        manifest_splits[split] = SplitEntry(
+            summary.num_samples, summary.num_rejected, tuple(ShardInfo(**row) for row in shard_rows)
+        )
+    manifest = Manifest(
+        config=settings,
+        classes=tuple(ClassInfo(**row) for row in classes),
+        splits=manifest_splits,
+        stats=STATS_NAME if has_stats else None,
+        mean=MEAN_NAME if has_stats else None,
+        rejected=REJECTED_NAME,
+    )
     # Writers killed mid-shard (a worker lost to OOM, then retried) leave
     # temporaries that no rerun would see: clear them while no writer runs.
     remove_temporaries(out_dir)
-    write_text_atomic(out_dir / MANIFEST_NAME, dumps_json(manifest))
+    write_manifest(out_dir, manifest)
     return summaries

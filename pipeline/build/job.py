@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.build.config import LAYOUTS, RESIZE_MODES, SPLITS, BuildConfig
-from pipeline.build.finish import MANIFEST_NAME, SplitSummary, write_outputs
+from pipeline.build.finish import SplitSummary, write_outputs
 from pipeline.build.plan import ShardPlan, plan_build
 from pipeline.build.ray_runtime import check_cluster_address, is_local, ray_session
 from pipeline.build.scheduler import run_shards
 from pipeline.build.shard_task import load_finished_record, work_dir
 from shards.atomic import dumps_json, remove_temporaries, write_text_atomic
 from shards.errors import UserError
-from shards.manifest import load_manifest
+from shards.manifest import MANIFEST_NAME, Manifest
+from shards.remote import read_manifest
 
 SETTINGS_NAME = "settings.json"
 
@@ -107,7 +108,7 @@ def _require_same(out_dir: Path, recorded: dict, wanted: dict) -> None:
         )
 
 
-def _claim_output(out_dir: Path, settings: dict, identity: dict) -> dict | None:
+def _claim_output(out_dir: Path, settings: dict, identity: dict) -> Manifest | None:
     """Make ``out_dir`` ours for these settings; its manifest if it is already complete.
 
     A directory holding a build with other settings (or, mid-build, other
@@ -116,8 +117,8 @@ def _claim_output(out_dir: Path, settings: dict, identity: dict) -> dict | None:
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / MANIFEST_NAME).is_file():
-        manifest = load_manifest(out_dir)  # one-line errors for damaged or foreign files
-        _require_same(out_dir, manifest.get("config", {}), settings)
+        manifest = read_manifest(out_dir)  # one-line errors for damaged or foreign files
+        _require_same(out_dir, manifest.config, settings)
         return manifest
     recorded_path = work_dir(out_dir) / SETTINGS_NAME
     wanted = {**settings, **identity}
@@ -278,23 +279,23 @@ def _remove_temporaries_quietly(out_dir: Path) -> None:
             pass
 
 
-def _summary_of_complete(out_dir: Path, manifest: dict, started: float) -> BuildSummary:
+def _summary_of_complete(out_dir: Path, manifest: Manifest, started: float) -> BuildSummary:
     """The summary of a directory a previous run already completed."""
     splits = {
         name: SplitSummary(
-            num_inputs=entry["num_samples"] + entry["num_rejected"],
-            num_samples=entry["num_samples"],
-            rejected_by_reason={"(see rejected.jsonl)": entry["num_rejected"]}
-            if entry["num_rejected"]
+            num_inputs=entry.num_samples + entry.num_rejected,
+            num_samples=entry.num_samples,
+            rejected_by_reason={"(see rejected.jsonl)": entry.num_rejected}
+            if entry.num_rejected
             else {},
         )
-        for name, entry in manifest["splits"].items()
+        for name, entry in manifest.splits.items()
     }
     return BuildSummary(
         out=out_dir,
         splits=splits,
-        num_shards=sum(len(entry["shards"]) for entry in manifest["splits"].values()),
-        shards_skipped=sum(len(entry["shards"]) for entry in manifest["splits"].values()),
+        num_shards=len(manifest.every_shard()),
+        shards_skipped=len(manifest.every_shard()),
         images_processed=0,
         wall_seconds=time.perf_counter() - started,
         peak_worker_rss_mb=0.0,

@@ -1,6 +1,6 @@
 """The one description of AlexNet's data augmentation, shared by both loader backends.
 
-Train (SPEC §6, PAPER "Augmentation"): a random 224×224 crop of the 256×256
+Train (the paper's section 4.1): a random 224×224 crop of the 256×256
 image (offsets 0..32 on each axis, every value equally likely), a horizontal
 flip with p=0.5, PCA lighting, then mean subtraction. Val: the central crop,
 or the paper's ten patches, no randomness.
@@ -17,7 +17,7 @@ Normalization is written once for both modes as
 ``pixel_mean = channel_mean + mean_image``:
 
 - ``paper``: ``channel_mean`` 0, ``channel_std`` 1, ``mean_image`` the
-  central 224 crop of mean.npy (the same crop for every patch, as SPEC says);
+  central 224 crop of mean.npy (the same crop for every patch);
 - ``channel``: ``channel_mean`` = mean_rgb, ``channel_std`` = std_rgb, no
   mean image.
 """
@@ -39,7 +39,7 @@ AUGMENT_STREAM = 1
 
 
 class Normalize(str, Enum):
-    """Mean subtraction mode (SPEC §6 ``normalize=``)."""
+    """Mean subtraction mode (``create_loader(normalize=...)``)."""
 
     PAPER = "paper"
     CHANNEL = "channel"
@@ -143,19 +143,11 @@ def draw_augmentation(seed: int, epoch: int, num_samples: int, spec: AugmentSpec
     return AugmentDraws(offsets[0], offsets[1], flip, alpha * np.float32(spec.lighting_std))
 
 
-def center_draws(num_samples: int, spec: AugmentSpec) -> AugmentDraws:
-    """Draws that reproduce validation: central crop, no flip, no lighting."""
-    center = np.full(num_samples, spec.center_offset, dtype=np.int16)
-    return AugmentDraws(
-        center, center.copy(), np.zeros(num_samples, bool), np.zeros((num_samples, 3), np.float32)
-    )
-
-
 # --- lighting -----------------------------------------------------------------------------
 
 
 def lighting_offsets(alpha: np.ndarray, spec: AugmentSpec) -> np.ndarray:
-    """Per-image RGB offsets in 0..255 units: ``eigvecs @ (alpha * eigvals) / 255`` (SPEC §6).
+    """Per-image RGB offsets in 0..255 units: ``eigvecs @ (alpha * eigvals) / 255``.
 
     This is the paper's formula on pixels scaled to [0, 1] (eigenvalues of a
     0..255 covariance are 255² too large there), brought back to 0..255.
@@ -165,13 +157,6 @@ def lighting_offsets(alpha: np.ndarray, spec: AugmentSpec) -> np.ndarray:
     eigvecs = np.asarray(spec.eigvecs, dtype=np.float64)
     scaled = np.asarray(alpha, dtype=np.float64) * eigvals
     return (scaled @ eigvecs.T / 255.0).astype(np.float32)
-
-
-def recover_alphas(offsets: np.ndarray, spec: AugmentSpec) -> np.ndarray:
-    """Invert :func:`lighting_offsets`: project [N, 3] offsets on the eigenvectors, × 255/eigval."""
-    eigvals = np.asarray(spec.eigvals, dtype=np.float64)
-    eigvecs = np.asarray(spec.eigvecs, dtype=np.float64)
-    return np.asarray(offsets, dtype=np.float64) @ eigvecs * 255.0 / eigvals
 
 
 def channel_shift(alpha: np.ndarray, spec: AugmentSpec) -> np.ndarray:

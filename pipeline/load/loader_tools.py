@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 
-from pipeline.load.loader import EpochLoader, create_loader
+from pipeline.load.base import EpochLoader
+from pipeline.load.loader import create_loader
 from shards.errors import UserError
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from shards.errors import UserError
 from shards.index import INDEX_VERSION, TAR_BLOCK_SIZE, IndexFormatError, parse_index
-from shards.manifest import index_paths, load_manifest, shard_paths
+from shards.manifest import Manifest
 
 MAX_OPEN_SHARDS = 64
 
@@ -108,15 +108,14 @@ def _strict_member_columns(text: str) -> MemberColumns:
     return columns
 
 
-def load_split_table(shards_dir: Path, split: str, manifest: dict | None = None) -> SplitTable:
+def load_split_table(shards_dir: Path, split: str, manifest: Manifest) -> SplitTable:
     """Read the index files of ``split`` (in manifest order) into a :class:`SplitTable`."""
-    manifest = manifest if manifest is not None else load_manifest(shards_dir)
-    tars = shard_paths(shards_dir, split, manifest)
+    tars = [Path(shards_dir) / info.file for info in manifest.split(split).shards]
     if not tars:
         raise UserError(f"split {split!r} of {shards_dir} has no shards")
 
     def index_texts():
-        for index_path in index_paths(shards_dir, split, manifest):
+        for index_path in (tar.with_suffix(".idx") for tar in tars):
             try:
                 yield str(index_path), index_path.read_text(encoding="ascii")
             except FileNotFoundError:

@@ -45,7 +45,7 @@ from shards.cache import ShardCache
 from shards.cache_dir import cached_name, staged_bytes
 from shards.errors import UserError
 from shards.index import IndexDigest
-from shards.manifest import index_name, shard_infos
+from shards.manifest import Manifest, index_name
 from shards.remote import ShardSource, read_index
 
 DEFAULT_SIZE_FACTOR = 2
@@ -63,10 +63,10 @@ class RemoteSplit:
 
 
 def read_remote_split(
-    source: ShardSource, manifest: dict, split: str, cache_dir: Path
+    source: ShardSource, manifest: Manifest, split: str, cache_dir: Path
 ) -> RemoteSplit:
     """Fetch the index files of ``split`` and build its table over the cache's file names."""
-    infos = shard_infos(manifest, split)
+    infos = manifest.split(split).shards
     if not infos:
         raise UserError(f"split {split!r} of {source.location} has no shards")
     with ThreadPoolExecutor(min(INDEX_FETCH_THREADS, len(infos))) as pool:
@@ -142,7 +142,7 @@ def most_bytes_in_stretch(stretch: int, shard_samples, shard_bytes) -> int:
 
 def minimum_cache_bytes(
     remote: RemoteSplit,
-    manifest: dict,
+    manifest: Manifest,
     batch_size: int,
     rank: int,
     world_size: int,
@@ -155,8 +155,7 @@ def minimum_cache_bytes(
         remote.table.num_samples, batch_size, rank, world_size, shuffle_window, batches_in_flight
     )
     held = most_bytes_in_stretch(stretch, remote.table.shard_sizes, remote.shard_bytes)
-    every_shard = [info for split in manifest["splits"] for info in shard_infos(manifest, split)]
-    largest = max(info.bytes for info in every_shard)
+    largest = max(info.bytes for info in manifest.every_shard())
     return max(held, 2 * largest)
 
 
@@ -197,7 +196,7 @@ def cache_directory(location: str, cache_dir: str | Path | None) -> Path:
 
 
 def attach_cache(
-    source: ShardSource, manifest: dict, directory: Path, cache_bytes: int | None, minimum: int
+    source: ShardSource, manifest: Manifest, directory: Path, cache_bytes: int | None, minimum: int
 ) -> ShardCache:
     """The cache in ``directory``, opened once per process; every attach needs a detach."""
     key = directory.resolve()

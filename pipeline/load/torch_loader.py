@@ -25,8 +25,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.load.augment import AugmentSpec, train_reference, val_reference
+from pipeline.load.base import EpochLoader, LoaderConfig
 from pipeline.load.epochs import EpochPlan
-from pipeline.load.loader import EpochLoader, LoaderConfig
 from pipeline.load.samples import SampleReader
 from pipeline.load.staging import LocalLeases, ShardLeases
 
@@ -113,7 +113,7 @@ class LeasedBatches:
 
 
 class TorchLoader(EpochLoader):
-    """SPEC §6 loader on torch.utils.data.DataLoader + PIL."""
+    """The loader on torch.utils.data.DataLoader + PIL."""
 
     def __init__(self, table, spec, config, draw, staged=None):
         super().__init__(table, spec, config, draw, staged)
@@ -142,10 +142,7 @@ class TorchLoader(EpochLoader):
             prefetch_factor=PREFETCH_FACTOR if workers else None,
             pin_memory=self.torch_device.type == "cuda",
         )
-        for number, (images, labels, indices) in enumerate(batches, start=sampler.first_batch):
+        for number, batch in enumerate(batches, start=sampler.first_batch):
             sampler.leases.after_batch(number)
-            yield (
-                images.to(self.torch_device, non_blocking=True),
-                labels.to(self.torch_device),
-                indices.to(self.torch_device),
-            )
+            # From pinned memory, asynchronous: no wait for the GPU inside next(loader).
+            yield tuple(part.to(self.torch_device, non_blocking=True) for part in batch)

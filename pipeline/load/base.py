@@ -1,0 +1,215 @@
+"""What both loader backends share: run settings, epoch state, and access to the shards.
+
+Both backends read the same samples in the same order (:mod:`pipeline.load.epochs`)
+with the same random draws (:mod:`pipeline.load.augment`), through
+:class:`~pipeline.load.samples.SampleReader`. A backend subclasses
+:class:`EpochLoader` and implements ``_run``; it imports this module, never the
+factory (:mod:`pipeline.load.loader`), which imports a backend only when it is chosen.
+
+Epochs: each ``iter(loader)`` is the next epoch (the first is 0). A loader
+remembers how many batches of the current epoch were handed out;
+``state_dict()`` / ``load_state_dict()`` carry ``{"epoch",
+"batches_consumed"}`` so a resumed run continues mid-epoch with the exact
+remaining batches. ``set_epoch(n)`` makes the next iteration epoch ``n``.
+
+Remote shards: ``staged`` (:mod:`pipeline.load.staging`) is the cache the
+reader's files live in, and :meth:`EpochLoader.leases` what holds them while
+a backend reads a batch; for local shards both are no-ops.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.load.augment import AugmentDraws, AugmentSpec
+from pipeline.load.augment import draw_augmentation as paper_draws
+from pipeline.load.epochs import DEFAULT_SHUFFLE_WINDOW, EpochPlan, num_batches, plan_epoch
+from pipeline.load.interface import Device
+from pipeline.load.samples import SampleReader, SplitTable
+from pipeline.load.staging import LocalLeases, ShardLeases, StagedShards
+from shards.errors import UserError
+
+DrawFunction = Callable[[int, int, int, AugmentSpec], AugmentDraws]
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Run settings of a loader, resolved and validated by ``create_loader``."""
+
+    split: str = "train"
+    batch_size: int = 128
+    device: Device = Device.CPU
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    num_threads: int = 2
+    ten_crop: bool = False
+    with_index: bool = False
+    shuffle_window: int = DEFAULT_SHUFFLE_WINDOW
+
+    @property
+    def is_train(self) -> bool:
+        return self.split == "train"
+
+
+def torch_device(device: Device):
+    """The torch device batches are delivered on: the current CUDA device for ``cuda``."""
+    import torch  # the backends need it anyway; importing this module does not
+
+    if device is Device.CUDA:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class EpochLoader:
+    """Epoch bookkeeping; a backend implements ``_run(plan, first_batch, draws)``.
+
+    ``_run`` yields ``(images, labels, indices)`` torch tensors for the
+    batches ``first_batch..`` of ``plan``, reading through :meth:`reader`
+    and holding shards through :meth:`leases`. Satisfies
+    :class:`~pipeline.load.interface.ResumableLoader`.
+    """
+
+    def __init__(
+        self,
+        table: SplitTable,
+        spec: AugmentSpec,
+        config: LoaderConfig,
+        draw: DrawFunction = paper_draws,
+        staged: StagedShards | None = None,
+    ):
+        self.table = table
+        self.spec = spec
+        self.config = config
+        self.staged = staged
+        self._draw = draw
+        self._length = num_batches(table.num_samples, config.batch_size, config.world_size)
+        self._epoch = 0
+        self._consumed = 0
+        self._pending = True  # the next iteration resumes (_epoch, _consumed) as is
+        self._running: weakref.ref | None = None
+        self._readers: list[SampleReader] = []
+        self.torch_device = torch_device(config.device)
+
+    def __len__(self) -> int:
+        """Batches of this rank in a full epoch (equal on every rank)."""
+        return self._length
+
+    @property
+    def epoch(self) -> int:
+        """The epoch being iterated, or the one the next iteration starts."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration epoch ``epoch`` (no-op for the epoch a loaded state resumes)."""
+        if self._pending and epoch == self._epoch:
+            return
+        self._epoch, self._consumed, self._pending = int(epoch), 0, True
+
+    def state_dict(self) -> dict:
+        """Where to resume: the epoch and how many of its batches were handed out."""
+        epoch, consumed = self._epoch, self._consumed
+        if not self._pending and consumed >= self._length:
+            epoch, consumed = epoch + 1, 0
+        config = self.config
+        return {
+            "epoch": epoch,
+            "batches_consumed": consumed,
+            "seed": config.seed,
+            "world_size": config.world_size,
+            "batch_size": config.batch_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state`` (from :meth:`state_dict`); the next iteration continues there."""
+        consumed = int(state.get("batches_consumed", 0))
+        config = self.config
+        if consumed and any(
+            key in state and state[key] != getattr(config, key)
+            for key in ("seed", "world_size", "batch_size")
+        ):
+            raise UserError(
+                "cannot resume mid-epoch with another seed, world size or batch size "
+                f"(saved {state}); the epoch's sample split would differ"
+            )
+        if not 0 <= consumed <= self._length:
+            raise UserError(f"loader state has {consumed} batches of an epoch of {self._length}")
+        self._epoch, self._consumed, self._pending = int(state["epoch"]), consumed, True
+
+    @staticmethod
+    def batches_in_flight(config: LoaderConfig) -> int:
+        """Batches a backend may have out (being read) ahead of the one it returns."""
+        return 0
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """This rank's batches of ``epoch``."""
+        config = self.config
+        return plan_epoch(
+            self.table.shard_sizes,
+            config.batch_size,
+            config.rank,
+            config.world_size,
+            config.seed,
+            epoch,
+            shuffle=config.is_train,
+            shuffle_window=config.shuffle_window,
+        )
+
+    def reader(self) -> SampleReader:
+        """A sample reader for this loader's shards (staged ones are opened per read),
+        closed with the loader."""
+        reader = SampleReader(
+            self.table, keep_open=self.staged is None, with_index=self.config.with_index
+        )
+        self._readers.append(reader)
+        return reader
+
+    def leases(self, plan: EpochPlan, first_batch: int) -> ShardLeases | LocalLeases:
+        """What holds the shards of batches ``first_batch..`` of ``plan`` while they are read."""
+        if self.staged is None:
+            return LocalLeases()
+        return self.staged.leases(plan, first_batch)
+
+    def close(self) -> None:
+        """Stop the epoch in progress, close the shard files and let go of the shard
+        cache (remote shards). Closing again does nothing."""
+        self._close_running()
+        for reader in self._readers:
+            reader.close()
+        if self.staged is not None:
+            self.staged.close()
+
+    def __iter__(self):
+        self._close_running()  # an abandoned epoch: stop its prefetching first
+        if not self._pending:
+            self._epoch, self._consumed = self._epoch + 1, 0
+        self._pending = False
+        iteration = self._iterate(self._epoch, self._consumed)
+        # Weak: a dropped iteration is closed (and its prefetching stopped) right away,
+        # while the loader is still whole, instead of with the loader in a reference cycle.
+        self._running = weakref.ref(iteration)
+        return iteration
+
+    def _close_running(self) -> None:
+        """Close the iteration in progress, if there is one."""
+        running = self._running() if self._running is not None else None
+        if running is not None:
+            running.close()
+
+    def _iterate(self, epoch: int, first_batch: int):
+        plan = self.plan(epoch)
+        draws = None
+        if self.config.is_train:
+            draws = self._draw(self.config.seed, epoch, self.table.num_samples, self.spec)
+        batches = self._run(plan, first_batch, draws)
+        try:
+            for images, labels, indices in batches:
+                self._consumed += 1
+                yield (images, labels, indices) if self.config.with_index else (images, labels)
+        finally:
+            batches.close()
+
+    def _run(self, plan: EpochPlan, first_batch: int, draws: AugmentDraws | None):
+        raise NotImplementedError

@@ -1,0 +1,69 @@
+"""The loaders' interface, without heavy imports: the choices ``create_loader`` takes (enums
+the command line turns into ``click.Choice``) and what a loader offers the trainer (protocols).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from enum import Enum
+from typing import Protocol, runtime_checkable
+
+from shards.errors import UserError
+
+
+class Backend(str, Enum):
+    """DALI operators, or the pure PyTorch/PIL reference."""
+
+    DALI = "dali"
+    TORCH = "torch"
+
+
+class Device(str, Enum):
+    """Where batches are made and delivered, in PyTorch's words."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+DEVICE_ALIASES = {"gpu": Device.CUDA}  # DALI's word for it
+
+
+def parse_device(name: str | Device) -> Device:
+    """``"cpu"`` or ``"cuda"`` (``"gpu"`` is accepted as an alias) as a :class:`Device`."""
+    try:
+        return DEVICE_ALIASES.get(name) or Device(name)
+    except ValueError:
+        raise UserError(f"unknown device {name!r} (choose from cpu, cuda)") from None
+
+
+def parse_backend(name: str | Backend) -> Backend:
+    """``"dali"`` or ``"torch"`` as a :class:`Backend`."""
+    try:
+        return Backend(name)
+    except ValueError:
+        choices = ", ".join(backend.value for backend in Backend)
+        raise UserError(f"unknown loader backend {name!r} (choose from {choices})") from None
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What the trainer needs from a loader: each ``iter()`` is an epoch of ``(images,
+    labels)`` batches, ``len()`` their number, and ``set_epoch`` picks the next epoch."""
+
+    def __iter__(self) -> Iterator[tuple]: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+@runtime_checkable
+class ResumableLoader(Loader, Protocol):
+    """A loader that tells where it is and continues from there: an exact mid-epoch resume.
+
+    A trainer replays the epoch and skips the batches done for a loader that is not one.
+    """
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
