@@ -1,42 +1,31 @@
-"""Shard directories that are not on local disk: where ``--shards`` points, and reading from it.
+"""Where ``--shards`` points, and reading from it: a local directory, any fsspec URL, or ``pipe:``.
 
 ``--shards`` (and every API that takes a shard location) accepts:
 
-- a local directory: ``/data/shards`` (or ``file:///data/shards``);
-- ``http://HOST/PATH/`` or ``https://...``: files are fetched as ``PATH/NAME``
-  with the standard library (a trailing ``/`` is added if missing);
-- ``s3://BUCKET/PREFIX``: objects ``PREFIX/NAME``, through ``boto3`` if it is
-  installed (alexpipe does not depend on it; credentials, region and
-  ``AWS_ENDPOINT_URL`` come from boto3's usual configuration);
-- ``pipe:COMMAND``: as in WebDataset, a shell command that writes one file to
-  its stdout. ``{file}`` in COMMAND is replaced by the file's name (e.g.
-  ``train-000000.tar``, ``manifest.json``), so one template serves every file:
-  ``pipe:cat /mnt/shards/{file}``, ``pipe:curl -fsS https://host/shards/{file}``,
-  ``pipe:aws s3 cp s3://bucket/shards/{file} -``. A non-zero exit status is
-  an error.
+- a local directory: ``/data/shards`` or ``file:///data/shards``;
+- any URL fsspec knows: ``https://host/path/``, ``s3://bucket/prefix`` (the ``s3``
+  extra installs s3fs), ``gs://`` (gcsfs), ``hf://datasets/...`` (huggingface_hub)...;
+  fsspec and the store's own library move the bytes, with their configuration
+  (credentials, endpoints such as ``AWS_ENDPOINT_URL``) and their retries;
+- ``pipe:COMMAND``: as in WebDataset, a shell command that writes one file to its
+  stdout, ``{file}`` standing for the file's name (``pipe:cat /mnt/shards/{file}``,
+  ``pipe:aws s3 cp s3://bucket/shards/{file} -``); a non-zero exit status is an error.
 
-File names come from the manifest, which may itself be remote, so every name
-is checked to be a plain file name before it reaches a URL, a path or a shell
-command. Shard bytes are trusted only after their size and sha256 match the
-manifest; ``shards.verified`` checks them, as a stream ends or before a
-staged file gets its final name.
-
-This module opens files of a source and reads its metadata (manifest,
-statistics, mean image, index files); it does not check shard contents.
+File names come from the manifest, which may itself be remote, so every name is
+checked to be a plain file name before it reaches a URL, a path or a shell command.
+This module reads a location's files and metadata; it does not check shard contents
+(:mod:`shards.cache` does, before a shard is used).
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import io
 import json
+import os
 import subprocess
 import tempfile
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
@@ -56,13 +45,32 @@ CHUNK_BYTES = 1 << 20
 # Manifests, statistics, mean images and index files are read whole into memory;
 # a bound keeps a wrong URL (a video, a disk image) from filling it.
 METADATA_LIMIT = 256 << 20
-HTTP_TIMEOUT_SECONDS = 60
-HTTP_RETRIES = 2
-RETRY_PAUSE_SECONDS = 0.5
+# One streamed GET per file: fsspec's default block reads need Range requests,
+# which plain static servers (python -m http.server) do not answer.
+STORAGE_OPTIONS = {"http": {"block_size": 0}, "https": {"block_size": 0}}
 
 
 class SourceFileMissing(UserError):
-    """The source has no file of that name (HTTP 404, no such key, no such file)."""
+    """The location has no file of that name (HTTP 404, no such key, no such file)."""
+
+
+@contextlib.contextmanager
+def reading(where: str):
+    """Turn what a transport raises while reading ``where`` into one line (a UserError)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except FileNotFoundError as error:
+        # fsspec's HTTP filesystem reports any failure of its HEAD and GET as a missing file.
+        cause = error.__cause__
+        status = getattr(cause, "status", None)
+        if isinstance(cause, OSError) or status not in (None, 404, 410):
+            raise UserError(f"cannot fetch {where} ({cause})") from None
+        detail = f" (HTTP {status})" if status else ""
+        raise SourceFileMissing(f"{where} is missing{detail}") from None
+    except Exception as error:
+        raise UserError(f"cannot read {where} ({type(error).__name__}: {error})") from None
 
 
 class ShardSource:
@@ -76,18 +84,14 @@ class ShardSource:
 
     def describe(self, name: str) -> str:
         """Where ``name`` is read from, for messages (a path, URL or command)."""
-        raise NotImplementedError
-
-    def local_path(self, name: str) -> Path | None:
-        """The file itself if it already is on local disk (nothing to stage), else None."""
-        return None
+        return f"{self.location}/{check_file_name(name)}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.location!r})"
 
 
 class LocalSource(ShardSource):
-    """A directory on local disk or a shared filesystem."""
+    """A directory on local disk or a shared filesystem: read in place, never staged."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -95,98 +99,41 @@ class LocalSource(ShardSource):
 
     def open(self, name: str) -> IO[bytes]:
         path = self.directory / check_file_name(name)
-        try:
+        with reading(str(path)):
             return open(path, "rb")
-        except FileNotFoundError:
-            raise SourceFileMissing(f"{path} is missing") from None
-        except OSError as error:
-            raise UserError(f"{path}: cannot read ({error.strerror or error})") from None
-
-    def describe(self, name: str) -> str:
-        return str(self.directory / name)
-
-    def local_path(self, name: str) -> Path | None:
-        return self.directory / check_file_name(name)
 
 
-class HttpSource(ShardSource):
-    """``http(s)://HOST/PATH/``: files fetched with urllib, transient failures retried."""
-
-    def __init__(self, url: str, retries: int = HTTP_RETRIES):
-        self.location = url if url.endswith("/") else url + "/"
-        self.retries = retries
-
-    def describe(self, name: str) -> str:
-        return urllib.parse.urljoin(self.location, urllib.parse.quote(check_file_name(name)))
-
-    def open(self, name: str) -> IO[bytes]:
-        url = self.describe(name)
-        request = urllib.request.Request(url, headers={"User-Agent": "alexpipe"})
-        for attempt in range(self.retries + 1):
-            try:
-                return urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_SECONDS)
-            except urllib.error.HTTPError as error:
-                error.close()
-                if error.code in (404, 410):
-                    raise SourceFileMissing(f"{url}: not found (HTTP {error.code})") from None
-                # Client errors (403, 401...) will not go away by asking again.
-                if error.code < 500 or attempt == self.retries:
-                    raise UserError(f"{url}: HTTP {error.code} {error.reason}") from None
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
-                if attempt == self.retries:
-                    reason = getattr(error, "reason", error)
-                    raise UserError(f"cannot fetch {url} ({reason})") from None
-            time.sleep(RETRY_PAUSE_SECONDS * 2**attempt)
-        raise AssertionError("unreachable")
-
-
-class S3Source(ShardSource):
-    """``s3://BUCKET/PREFIX``: objects read with boto3 (an optional dependency)."""
+class FsspecSource(ShardSource):
+    """Any fsspec URL; each process makes its own filesystem (fsspec's async ones are not
+    fork-safe, and DataLoader workers are forked)."""
 
     def __init__(self, url: str):
-        parsed = urllib.parse.urlparse(url)
-        if not parsed.netloc:
-            raise UserError(f"{url}: expected s3://BUCKET/PREFIX")
-        try:
-            import boto3  # noqa: F401  (optional: only s3:// shards need it)
-        except ImportError:
-            raise UserError(
-                f"{url}: reading shards from s3:// needs boto3, which is not installed; "
-                "install it into alexpipe's environment (pip install boto3) or use an "
-                "http(s):// or pipe: location"
-            ) from None
-        self.location = url
-        self.bucket = parsed.netloc
-        self.prefix = parsed.path.strip("/")
-        self._client = None
+        self.location = url.rstrip("/")
+        self._protocol = url.split("://", 1)[0].lower()
+        import fsspec
+
+        try:  # fails here, at once, for an unknown protocol or a store whose library is missing
+            fsspec.get_filesystem_class(self._protocol)
+        except ImportError as error:
+            extra = " (pip install 'alexpipe[s3]')" if self._protocol in ("s3", "s3a") else ""
+            raise UserError(f"{url}: {error}{extra}") from None
+        except ValueError as error:
+            raise UserError(f"{url}: unsupported shard location ({error})") from None
+        self._filesystem = None
 
     def __getstate__(self) -> dict:
-        # A boto3 client does not pickle; each process makes its own.
-        return {**self.__dict__, "_client": None}
-
-    def _key(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
-
-    def describe(self, name: str) -> str:
-        return f"s3://{self.bucket}/{self._key(check_file_name(name))}"
+        return {**self.__dict__, "_filesystem": None}
 
     def open(self, name: str) -> IO[bytes]:
-        import botocore.exceptions
+        import fsspec
 
-        if self._client is None:
-            import boto3
-
-            self._client = boto3.client("s3")
-        try:
-            response = self._client.get_object(Bucket=self.bucket, Key=self._key(name))
-        except botocore.exceptions.ClientError as error:
-            code = error.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise SourceFileMissing(f"{self.describe(name)}: no such object") from None
-            raise UserError(f"{self.describe(name)}: {error}") from None
-        except botocore.exceptions.BotoCoreError as error:
-            raise UserError(f"{self.describe(name)}: {error}") from None
-        return response["Body"]
+        where = self.describe(name)
+        with reading(where):
+            if self._filesystem is None or self._filesystem[0] != os.getpid():
+                options = STORAGE_OPTIONS.get(self._protocol, {})
+                self._filesystem = (os.getpid(), *fsspec.core.url_to_fs(self.location, **options))
+            _pid, filesystem, root = self._filesystem
+            return filesystem.open(f"{root}/{check_file_name(name)}", "rb")
 
 
 class PipeSource(ShardSource):
@@ -217,6 +164,7 @@ class _PipeStream(io.RawIOBase):
 
     def __init__(self, command: str):
         self.command = command
+        # stderr to a file, not a pipe: a command that writes much of it cannot block.
         self._stderr = tempfile.TemporaryFile()
         self._process = subprocess.Popen(
             command,
@@ -231,19 +179,13 @@ class _PipeStream(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         count = self._process.stdout.readinto(buffer)
-        if count == 0 and len(buffer):
-            self._check_exit()
+        if count == 0 and len(buffer) and (status := self._process.wait()):
+            self._stderr.seek(0)
+            lines = self._stderr.read()[-2000:].decode("utf-8", "replace").strip().splitlines()
+            detail = f": {lines[-1]}" if lines else ""
+            error_type = SourceFileMissing if status in (1, 22) and lines else UserError
+            raise error_type(f"pipe:{self.command} exited with status {status}{detail}")
         return count
-
-    def _check_exit(self) -> None:
-        status = self._process.wait()
-        if status == 0:
-            return
-        self._stderr.seek(0)
-        lines = self._stderr.read()[-2000:].decode("utf-8", "replace").strip().splitlines()
-        detail = f": {lines[-1]}" if lines else ""
-        error_type = SourceFileMissing if status in (1, 22) and lines else UserError
-        raise error_type(f"pipe:{self.command} exited with status {status}{detail}")
 
     def close(self) -> None:
         if not self.closed:
@@ -256,26 +198,18 @@ class _PipeStream(io.RawIOBase):
         super().close()
 
 
-def open_source(location: str | Path) -> ShardSource:
+def open_source(location: str | Path | ShardSource) -> ShardSource:
     """The :class:`ShardSource` for a ``--shards`` value (see the module docstring)."""
-    if isinstance(location, Path):
-        return LocalSource(location)
+    if isinstance(location, ShardSource):
+        return location
     text = str(location)
+    if isinstance(location, Path) or ("://" not in text and not text.startswith("pipe:")):
+        return LocalSource(Path(text))
     if text.startswith("pipe:"):
         return PipeSource(text)
-    scheme = urllib.parse.urlparse(text).scheme.lower() if "://" in text else ""
-    if scheme in ("http", "https"):
-        return HttpSource(text)
-    if scheme == "s3":
-        return S3Source(text)
-    if scheme == "file":
+    if text.lower().startswith("file://"):
         return LocalSource(Path(urllib.parse.unquote(urllib.parse.urlparse(text).path)))
-    if scheme:
-        raise UserError(
-            f"{text}: unsupported shard location scheme {scheme!r} "
-            "(use a directory, http(s)://, s3:// or pipe:COMMAND)"
-        )
-    return LocalSource(Path(text))
+    return FsspecSource(text)
 
 
 # --- reading metadata -------------------------------------------------------------------------
@@ -283,17 +217,19 @@ def open_source(location: str | Path) -> ShardSource:
 
 def read_bytes(source: ShardSource, name: str, limit: int = METADATA_LIMIT) -> bytes:
     """The whole file ``name`` (metadata, not shards: at most ``limit`` bytes)."""
+    where = source.describe(name)
     with contextlib.closing(source.open(name)) as stream:
         chunks, total = [], 0
-        try:
-            # In chunks: some streams allocate the whole size asked for up front.
-            while total <= limit and (chunk := stream.read(min(CHUNK_BYTES, limit + 1 - total))):
-                chunks.append(chunk)
-                total += len(chunk)
-        except (OSError, http.client.HTTPException) as error:
-            raise UserError(f"{source.describe(name)}: read failed ({error})") from None
+        # In chunks: a stream may return less than asked before its end.
+        while total <= limit:
+            with reading(where):
+                chunk = stream.read(min(CHUNK_BYTES, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
     if total > limit:
-        raise UserError(f"{source.describe(name)} is larger than {limit} bytes; wrong location?")
+        raise UserError(f"{where} is larger than {limit} bytes; wrong location?")
     return b"".join(chunks)
 
 
@@ -308,12 +244,10 @@ def read_manifest(location: ShardSource | str | Path) -> Manifest:
     """The manifest of a shard directory or location (a :class:`ShardSource`, or what
     :func:`open_source` takes): the one reader of ``manifest.json``. A UserError says what
     is wrong: no such directory, no manifest (an unfinished build), a damaged or foreign one."""
-    source = location if isinstance(location, ShardSource) else open_source(location)
-    if isinstance(source, LocalSource):
-        if not source.directory.exists():
-            raise UserError(f"shard directory {source.directory} does not exist")
-        if not source.directory.is_dir():
-            raise UserError(f"{source.directory} is not a directory")
+    source = open_source(location)
+    if isinstance(source, LocalSource) and not source.directory.is_dir():
+        state = "is not a directory" if source.directory.exists() else "does not exist"
+        raise UserError(f"shard directory {source.directory} {state}")
     try:
         data = read_bytes(source, MANIFEST_NAME)
     except SourceFileMissing as error:

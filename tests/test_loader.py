@@ -152,24 +152,12 @@ def test_split_table_reads_what_the_tars_hold(shard_dir):
     assert _uniform_member_columns(text.replace(".json", ".txt", 1)) is None
 
 
-def test_batch_sampler_builds_each_batch_as_it_is_handed_out():
-    from pipeline.load.torch_loader import LeasedBatches
-
-    class RecordedLeases:
-        def __init__(self):
-            self.held = []
-
-        def before_batch(self, number):
-            self.held.append(number)
+def test_batch_work_carries_each_samples_draws():
+    from pipeline.load.torch_loader import batch_work
 
     plan = plan_epoch([10, 7], 4, rank=0, world_size=1, seed=1, epoch=0)
     draws = pinned_draws(0, 0, 17, None)
-    leases = RecordedLeases()
-    sampler = LeasedBatches(plan, 2, draws, leases)
-    assert len(sampler) == plan.num_batches - 2 == 3  # the batches still to come
-    batches = iter(sampler)
-    first = next(batches)
-    assert leases.held == [2]  # one batch at a time, its shards held first
+    first = batch_work(plan, 2, draws)
     assert [item[0] for item in first] == plan.batch(2).tolist()
     for position, offset_x, offset_y, flip, alpha in first:
         assert (offset_x, offset_y, flip) == (
@@ -179,8 +167,7 @@ def test_batch_sampler_builds_each_batch_as_it_is_handed_out():
         )
         assert type(position) is int and type(flip) is bool and alpha.dtype == np.float32
         np.testing.assert_array_equal(alpha, draws.alpha[position])
-    assert len(list(batches)) == 2 and leases.held == [2, 3, 4]
-    assert list(LeasedBatches(plan, 0, None, RecordedLeases()))[1] == plan.batch(1).tolist()
+    assert batch_work(plan, 1, None) == plan.batch(1).tolist()
 
 
 def test_sample_index_is_parsed_only_when_asked(shard_dir, monkeypatch):

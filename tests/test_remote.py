@@ -1,16 +1,19 @@
-"""Shards from http://, pipe: and s3:// locations, staged through a bounded, verified cache.
+"""Shards from http:// and pipe: locations, staged through a bounded, verified cache.
 
 A real ``http.server`` on 127.0.0.1 serves a directory of real shards; the
 cache is smaller than the dataset, so staging a whole epoch has to evict.
+(S3 through a local moto server: ``test_remote_s3.py``.)
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import io
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import threading
@@ -23,13 +26,13 @@ import pytest
 from PIL import Image
 
 from shards.atomic import is_temporary
-from shards.cache import ShardCache
+from shards.cache import AHEAD, ShardCache, ShardVerificationError
 from shards.errors import UserError
-from shards.index import parse_index
+from shards.index import build_index, parse_index
 from shards.manifest import ClassInfo, Manifest, SplitEntry, write_json_atomic, write_manifest
-from shards.reader import iter_shard, sha256_of_file
+from shards.reader import iter_members, iter_shard, sha256_of_file
 from shards.remote import (
-    HttpSource,
+    FsspecSource,
     LocalSource,
     open_source,
     read_index,
@@ -38,8 +41,9 @@ from shards.remote import (
     read_stats,
 )
 from shards.sizes import parse_size
-from shards.verified import ShardVerificationError, open_verified
 from shards.writer import ShardSample, write_shard
+
+REPO = Path(__file__).resolve().parents[1]
 
 NUM_TRAIN_SHARDS = 6
 SAMPLES_PER_SHARD = 4
@@ -54,7 +58,7 @@ def make_jpeg(seed: int) -> bytes:
 
 
 def build_dataset(directory: Path) -> Manifest:
-    """Train and val shards, stats.json, mean.npy and a manifest (SPEC §4); returns the manifest."""
+    """Train and val shards, stats.json, mean.npy and a manifest; returns the manifest."""
     directory.mkdir(parents=True)
     splits = {}
     for split, count in (("train", NUM_TRAIN_SHARDS), ("val", 1)):
@@ -131,11 +135,9 @@ def served(tmp_path):
         thread.join()
 
 
-def dataset_bytes(directory: Path, manifest: Manifest, split: str = "train") -> int:
-    return sum(
-        info.bytes + (directory / info.file).with_suffix(".idx").stat().st_size
-        for info in manifest.split(split).shards
-    )
+def dataset_bytes(manifest: Manifest, split: str = "train") -> int:
+    """What the cache counts of a split: its tars."""
+    return sum(info.bytes for info in manifest.split(split).shards)
 
 
 def expected_samples(directory: Path, name: str) -> list[tuple[str, bytes, bytes]]:
@@ -178,34 +180,34 @@ def shard_files_named(cache_dir: Path, name: str) -> list[str]:
     return sorted(p.name for p in cache_dir.iterdir() if p.name.lstrip(".").startswith(stem))
 
 
+def index_of(path: Path) -> str:
+    """The index text a tar's members give (what a staged copy is checked against)."""
+    return build_index(member.as_tuple() for member in iter_members(path))
+
+
 def test_half_size_cache_stages_every_shard_verified_and_stays_bounded(served, tmp_path):
     url, directory, manifest, requests = served
     source = open_source(url)
-    assert not isinstance(source, LocalSource) and isinstance(open_source(directory), LocalSource)
+    assert isinstance(source, FsspecSource) and isinstance(open_source(directory), LocalSource)
     assert read_manifest(source) == manifest
-    limit = dataset_bytes(directory, manifest) // 2
+    infos = manifest.split("train").shards
+    limit = dataset_bytes(manifest) // 2
     cache_dir = tmp_path / "cache"
-    names = [info.file for info in manifest.split("train").shards]
-    order = [names[k] for k in numpy.random.default_rng(7).permutation(len(names))]
+    order = [int(number) for number in numpy.random.default_rng(7).permutation(len(infos))]
     watcher = DiskWatcher(cache_dir)
     seen = []
-    with ShardCache(source, manifest, cache_dir, limit) as cache:
+    with ShardCache(source, infos, cache_dir, limit) as cache:
         cache.prefetch(order)
-        previous = None
-        for name in order:
-            path = cache.acquire(name)
-            # Two shards held at once, as a shuffle window spanning shards does.
-            if previous is not None:
-                cache.release(previous)
-            previous = name
-            assert sha256_of_file(path) == cache.info(name).sha256
-            assert path.with_suffix(".idx").read_text() == read_index(LocalSource(directory), name)
+        for number in order:
+            path = cache.fetch(number)
+            name = infos[number].file
+            assert sha256_of_file(path) == infos[number].sha256
+            assert index_of(path) == read_index(LocalSource(directory), name)
             samples = [(key, parts["jpg"], parts["cls"]) for key, parts in iter_shard(path)]
             assert samples == expected_samples(directory, name)
             seen += [key for key, _, _ in samples]
-            assert cache.stats().bytes_used <= limit
-        cache.release(previous)
-        stats = cache.stats()
+            assert cache.bytes_used() <= limit
+        kept = [number for number in order if cache.path(number).exists()]
     largest_on_disk = watcher.stop()
     assert sorted(seen) == sorted(
         f"train_{shard}_{position}"
@@ -213,22 +215,44 @@ def test_half_size_cache_stages_every_shard_verified_and_stays_bounded(served, t
         for position in range(SAMPLES_PER_SHARD)
     )
     assert largest_on_disk <= limit
-    assert stats.downloads == NUM_TRAIN_SHARDS and stats.evictions >= NUM_TRAIN_SHARDS // 2
+    assert 0 < len(kept) <= NUM_TRAIN_SHARDS - NUM_TRAIN_SHARDS // 2  # the rest was evicted
     # Every shard crossed the network exactly once (no prefetched shard was thrown away).
     tar_requests = sorted(path for path in requests if path.endswith(".tar"))
-    assert tar_requests == sorted(f"/shards/{name}" for name in names)
+    assert tar_requests == sorted(f"/shards/{info.file}" for info in infos)
     assert not [p for p in cache_dir.iterdir() if is_temporary(p)]
 
     # A second run over the same cache directory reuses what is there.
     requests.clear()
-    with ShardCache(source, manifest, cache_dir, limit) as cache:
-        kept = [name for name in order if cache.path_of(name).exists()]
-        assert kept and cache.stats().bytes_used <= limit
-        for name in kept:
-            cache.acquire(name)
-            cache.release(name)
-        assert cache.stats().downloads == 0
+    with ShardCache(source, infos, cache_dir, limit) as cache:
+        assert cache.bytes_used() <= limit
+        for number in kept:
+            assert sha256_of_file(cache.fetch(number)) == infos[number].sha256
     assert not [path for path in requests if path.endswith(".tar")]
+
+
+def test_eviction_takes_the_least_recently_used_shard_nobody_reads(served, tmp_path):
+    url, _directory, manifest, _requests = served
+    infos = manifest.split("train").shards
+    largest = max(info.bytes for info in infos)
+    cache_dir = tmp_path / "cache"
+    # Room for three shards of these: a fourth needs one evicted.
+    with ShardCache(open_source(url), infos, cache_dir, 3 * largest + 100) as cache:
+        paths = [cache.fetch(number) for number in range(3)]
+        for age, path in zip((300, 100, 200), paths, strict=True):
+            os.utime(path, (time.time(), time.time() - age))  # last used 300, 100, 200 s ago
+        cache.fetch(3)
+        assert [path.exists() for path in paths] == [False, True, True]  # the oldest went
+        # Shard 2 is the oldest now; a reader holds it (as each read does): shard 1 goes.
+        with open(paths[2], "rb") as reading:
+            fcntl.flock(reading, fcntl.LOCK_SH)
+            cache.fetch(4)
+            assert [path.exists() for path in paths] == [False, False, True]
+        # Staged ahead (the far-future mtime), shard 3 outlasts shard 4, used long ago.
+        os.utime(cache.path(3), (time.time(), AHEAD))
+        os.utime(cache.path(4), (time.time(), time.time() - 1000))
+        cache.fetch(5)
+        assert cache.path(3).exists() and not cache.path(4).exists()
+        assert cache.bytes_used() <= 3 * largest + 100
 
 
 def flip_byte_in_jpeg(directory: Path, name: str) -> None:
@@ -241,37 +265,38 @@ def flip_byte_in_jpeg(directory: Path, name: str) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("corruption", ["flipped-byte", "truncated"])
+@pytest.mark.parametrize("corruption", ["flipped-byte", "truncated", "longer"])
 def test_corrupt_remote_shard_is_detected_and_never_cached(served, tmp_path, corruption):
     url, directory, manifest, _requests = served
-    bad, good = "train-000002.tar", "train-000003.tar"
+    bad, good = 2, 3
+    path = directory / "train-000002.tar"
     if corruption == "flipped-byte":
-        flip_byte_in_jpeg(directory, bad)
+        flip_byte_in_jpeg(directory, path.name)
         expected = "sha256"
-    else:
-        path = directory / bad
+    elif corruption == "truncated":
         path.write_bytes(path.read_bytes()[:-1024])
         expected = "ended after"
-    source = open_source(url)
+    else:
+        path.write_bytes(path.read_bytes() + bytes(4096))
+        expected = "holds more than"
+    infos = manifest.split("train").shards
     cache_dir = tmp_path / "cache"
-    with ShardCache(source, manifest, cache_dir, dataset_bytes(directory, manifest)) as cache:
+    watcher = DiskWatcher(cache_dir)
+    with ShardCache(open_source(url), infos, cache_dir, dataset_bytes(manifest)) as cache:
         # On demand.
-        with pytest.raises(ShardVerificationError, match=rf"train-000002\.tar.*{expected}"):
-            cache.acquire(bad)
-        assert shard_files_named(cache_dir, bad) == []
+        with pytest.raises(ShardVerificationError, match=rf"^train-000002\.tar: .*{expected}"):
+            cache.fetch(bad)
+        assert shard_files_named(cache_dir, path.name) == []
         # Through the prefetcher: the good shard arrives, the bad one is reported, not used.
         cache.prefetch([bad, good])
-        assert sha256_of_file(cache.acquire(good)) == cache.info(good).sha256
-        cache.release(good)
+        assert sha256_of_file(cache.fetch(good)) == infos[good].sha256
         with pytest.raises(ShardVerificationError, match=expected):
-            cache.acquire(bad)
-        assert shard_files_named(cache_dir, bad) == []
-        # Streaming without the cache: the mismatch surfaces at the end of the stream.
-        with open_verified(source, cache.info(bad)) as stream:
-            with pytest.raises(ShardVerificationError, match=expected):
-                stream.finish()
-            assert not stream.verified
-        assert cache.stats().bytes_used == cache.info(good).bytes + len(read_index(source, good))
+            cache.fetch(bad)
+        assert shard_files_named(cache_dir, path.name) == []
+        lock_bytes = (cache_dir / ".lock").stat().st_size
+        assert cache.bytes_used() == infos[good].bytes + lock_bytes
+    watcher.stop()
+    assert not cache.path(bad).exists()
 
 
 def test_stale_index_is_detected(served, tmp_path):
@@ -280,21 +305,26 @@ def test_stale_index_is_detected(served, tmp_path):
     lines = index_path.read_text().splitlines()
     lines[1], lines[2] = lines[2], lines[1]  # samples listed in the wrong order
     index_path.write_text("\n".join(lines) + "\n")
-    with ShardCache(open_source(url), manifest, tmp_path / "cache", 10**9) as cache:
+    infos = manifest.split("train").shards
+    with ShardCache(open_source(url), infos, tmp_path / "cache", 10**9) as cache:
         with pytest.raises(ShardVerificationError, match=r"train-000001\.tar: its index"):
-            cache.acquire("train-000001.tar")
+            cache.fetch(1)
         assert shard_files_named(tmp_path / "cache", "train-000001.tar") == []
 
 
-def test_open_verified_reads_a_shard_as_a_tar_stream(served):
+def test_a_staged_shard_reads_as_the_served_tar(served, tmp_path):
     url, directory, manifest, _requests = served
-    info = manifest.split("val").shards[0]
-    assert info.file == "val-000000.tar"
-    with open_verified(open_source(url), info) as stream:
-        with tarfile.open(fileobj=stream, mode="r|") as archive:
+    infos = manifest.split("val").shards
+    assert infos[0].file == "val-000000.tar"
+    with ShardCache(open_source(url), infos, tmp_path / "cache", 10**9) as cache:
+        with tarfile.open(cache.fetch(0)) as archive:
             names = [member.name for member in archive]
-        stream.finish()
-        assert stream.verified
+        first = parse_index((directory / "val-000000.idx").read_text())[0]
+        jpg = next(component for component in first.components if component.ext == "jpg")
+        assert (
+            cache.read(0, jpg.offset, jpg.size)
+            == dict(iter_shard(directory / infos[0].file))["val_0_0"]["jpg"]
+        )
     extensions = ("cls", "jpg", "json")
     assert names == [f"val_0_{k}.{ext}" for k in range(SAMPLES_PER_SHARD) for ext in extensions]
 
@@ -309,18 +339,17 @@ def test_metadata_over_http_matches_local(served):
 
 def test_pipe_source_stages_with_cat(served, tmp_path):
     _url, directory, manifest, _requests = served
-    source = open_source(f"pipe:cat {directory}/{{file}}")
+    log = tmp_path / "commands.log"
+    source = open_source(f"pipe:echo {{file}} >> {log}; cat {directory}/{{file}}")
     assert read_manifest(source) == manifest
-    limit = dataset_bytes(directory, manifest) // 2
-    names = [info.file for info in manifest.split("train").shards]
-    with ShardCache(source, manifest, tmp_path / "cache", limit) as cache:
-        cache.prefetch(names)
-        for name in names:
-            path = cache.acquire(name)
-            served_digest = hashlib.sha256((directory / name).read_bytes()).hexdigest()
-            assert sha256_of_file(path) == served_digest
-            cache.release(name)
-        assert cache.stats().downloads == len(names)
+    infos = manifest.split("train").shards
+    with ShardCache(source, infos, tmp_path / "cache", dataset_bytes(manifest) // 2) as cache:
+        cache.prefetch(range(len(infos)))
+        for number, info in enumerate(infos):
+            served_digest = hashlib.sha256((directory / info.file).read_bytes()).hexdigest()
+            assert sha256_of_file(cache.fetch(number)) == served_digest
+    tars = sorted(line for line in log.read_text().split() if line.endswith(".tar"))
+    assert tars == sorted(info.file for info in infos)  # each shard run once
     with pytest.raises(UserError, match=r"not a complete alexpipe shard directory.*status 1"):
         read_manifest(open_source(f"pipe:cat {tmp_path}/nowhere/{{file}}"))
     with pytest.raises(UserError, match=r"needs \{file\}"):
@@ -333,25 +362,44 @@ def test_missing_remote_files_are_clear_user_errors(served, tmp_path):
         read_manifest(open_source(url + "/no-such-dir/"))
     # Nothing listens on port 1 of the loopback interface.
     with pytest.raises(UserError, match=r"cannot fetch http://127\.0\.0\.1:1/s/manifest\.json"):
-        read_manifest(HttpSource("http://127.0.0.1:1/s", retries=0))
+        read_manifest(open_source("http://127.0.0.1:1/s"))
     (directory / "train-000004.tar").unlink()
-    with ShardCache(open_source(url), manifest, tmp_path / "cache", 10**9) as cache:
-        with pytest.raises(UserError, match=r"/shards/train-000004\.tar: not found \(HTTP 404\)"):
-            cache.acquire("train-000004.tar")
-        with pytest.raises(UserError, match="not in the manifest"):
-            cache.acquire("train-999999.tar")
+    infos = manifest.split("train").shards
+    with ShardCache(open_source(url), infos, tmp_path / "cache", 10**9) as cache:
+        with pytest.raises(UserError, match=r"/shards/train-000004\.tar is missing \(HTTP 404\)"):
+            cache.fetch(4)
+        assert shard_files_named(tmp_path / "cache", "train-000004.tar") == []
 
 
-def test_s3_without_boto3_says_to_install_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "boto3", None)  # what an absent package looks like
-    with pytest.raises(UserError, match=r"needs boto3.*pip install boto3"):
-        open_source("s3://bucket/imagenet/shards")
+def test_stores_without_their_library_say_what_to_install():
+    # In a fresh process, before anything imports s3fs (gcsfs is not installed at all).
+    script = (
+        "import sys; sys.modules['s3fs'] = None\n"
+        "from shards.errors import UserError\n"
+        "from shards.remote import open_source\n"
+        "for url in ('s3://bucket/imagenet/shards', 'gs://bucket/shards'):\n"
+        "    try:\n"
+        "        open_source(url)\n"
+        "    except UserError as error:\n"
+        "        print(error)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    s3, gs = result.stdout.splitlines()
+    assert s3.startswith("s3://bucket/imagenet/shards: ") and "s3fs" in s3
+    assert "pip install 'alexpipe[s3]'" in s3
+    assert gs.startswith("gs://bucket/shards: ") and "gcsfs" in gs
 
 
 def test_location_checks(served, tmp_path):
     _url, directory, manifest, _requests = served
-    with pytest.raises(UserError, match="unsupported shard location scheme 'ftp'"):
-        open_source("ftp://host/shards")
+    with pytest.raises(UserError, match="nosuch://host/shards: unsupported shard location"):
+        open_source("nosuch://host/shards")
     assert isinstance(open_source(f"file://{directory}"), LocalSource)
     # Shard names come from a possibly remote manifest and end up in shell commands.
     hostile = tmp_path / "hostile"
@@ -363,20 +411,42 @@ def test_location_checks(served, tmp_path):
         read_manifest(open_source(f"pipe:cat {hostile}/{{file}}"))
 
 
-def test_local_source_needs_no_copy_and_cache_limits_are_checked(served, tmp_path):
+def test_cache_limits_and_one_process_per_directory(served, tmp_path):
     _url, directory, manifest, _requests = served
-    local = open_source(str(directory))
-    with ShardCache(local, manifest, tmp_path / "unused", 0) as cache:
-        assert cache.acquire("train-000000.tar") == directory / "train-000000.tar"
-        cache.release("train-000000.tar")
-    assert not (tmp_path / "unused").exists()
+    infos = manifest.split("train").shards
     remote = open_source(f"pipe:cat {directory}/{{file}}")
-    largest = max(info.bytes for info in manifest.split("train").shards)
-    with pytest.raises(UserError, match="too small.*--cache-size"):
-        ShardCache(remote, manifest, tmp_path / "cache", largest)
-    with ShardCache(remote, manifest, tmp_path / "cache", 10**9):
-        with pytest.raises(UserError, match="in use by another process"):
-            ShardCache(remote, manifest, tmp_path / "cache", 10**9)
+    largest = max(info.bytes for info in infos)
+    with pytest.raises(UserError, match=f"{largest} bytes is too small.*--cache-size"):
+        ShardCache(remote, infos, tmp_path / "cache", largest)
+    with ShardCache(remote, infos, tmp_path / "cache", 10**9) as cache:
+        # This process's other loaders (train and val) may share it; another process may not.
+        ShardCache(remote, infos, tmp_path / "cache", 10**9).close()
+        script = (
+            "import sys\n"
+            "from shards.cache import ShardCache\n"
+            "from shards.errors import UserError\n"
+            "from shards.remote import open_source, read_manifest\n"
+            "source = open_source(sys.argv[1])\n"
+            "infos = read_manifest(source).split('train').shards\n"
+            "try:\n"
+            "    ShardCache(source, infos, sys.argv[2], 10**9)\n"
+            "except UserError as error:\n"
+            "    print(error)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script, remote.location, str(tmp_path / "cache")],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=120,
+        )
+        assert f"in use by another process (pid {os.getpid()})" in result.stdout, result.stderr
+        assert sha256_of_file(cache.fetch(0)) == infos[0].sha256
+    # A temporary directory (no cache_dir) is this cache's alone, and goes with it.
+    with ShardCache(remote, infos, None, 10**9) as cache:
+        temporary = cache.directory
+        assert sha256_of_file(cache.fetch(1)) == infos[1].sha256
+    assert not temporary.exists()
 
 
 def test_parse_size():

@@ -12,9 +12,9 @@ remembers how many batches of the current epoch were handed out;
 "batches_consumed"}`` so a resumed run continues mid-epoch with the exact
 remaining batches. ``set_epoch(n)`` makes the next iteration epoch ``n``.
 
-Remote shards: ``staged`` (:mod:`pipeline.load.staging`) is the cache the
-reader's files live in, and :meth:`EpochLoader.leases` what holds them while
-a backend reads a batch; for local shards both are no-ops.
+Remote shards: ``cache`` (:class:`~shards.cache.ShardCache`) is where the
+reader's files are staged, on its first read of each; each epoch asks it to
+prefetch in the order the epoch reads them. None for local shards.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pipeline.load.augment import draw_augmentation as paper_draws
 from pipeline.load.epochs import DEFAULT_SHUFFLE_WINDOW, EpochPlan, num_batches, plan_epoch
 from pipeline.load.interface import Device
 from pipeline.load.samples import SampleReader, SplitTable
-from pipeline.load.staging import LocalLeases, ShardLeases, StagedShards
+from pipeline.load.staging import first_reads
+from shards.cache import ShardCache
 from shards.errors import UserError
 
 DrawFunction = Callable[[int, int, int, AugmentSpec], AugmentDraws]
@@ -67,8 +68,7 @@ class EpochLoader:
     """Epoch bookkeeping; a backend implements ``_run(plan, first_batch, draws)``.
 
     ``_run`` yields ``(images, labels, indices)`` torch tensors for the
-    batches ``first_batch..`` of ``plan``, reading through :meth:`reader`
-    and holding shards through :meth:`leases`. Satisfies
+    batches ``first_batch..`` of ``plan``, reading through :meth:`reader`. Satisfies
     :class:`~pipeline.load.interface.ResumableLoader`.
     """
 
@@ -78,12 +78,12 @@ class EpochLoader:
         spec: AugmentSpec,
         config: LoaderConfig,
         draw: DrawFunction = paper_draws,
-        staged: StagedShards | None = None,
+        cache: ShardCache | None = None,
     ):
         self.table = table
         self.spec = spec
         self.config = config
-        self.staged = staged
+        self.cache = cache
         self._draw = draw
         self._length = num_batches(table.num_samples, config.batch_size, config.world_size)
         self._epoch = 0
@@ -158,19 +158,10 @@ class EpochLoader:
         )
 
     def reader(self) -> SampleReader:
-        """A sample reader for this loader's shards (staged ones are opened per read),
-        closed with the loader."""
-        reader = SampleReader(
-            self.table, keep_open=self.staged is None, with_index=self.config.with_index
-        )
+        """A sample reader for this loader's shards, closed with the loader."""
+        reader = SampleReader(self.table, with_index=self.config.with_index, cache=self.cache)
         self._readers.append(reader)
         return reader
-
-    def leases(self, plan: EpochPlan, first_batch: int) -> ShardLeases | LocalLeases:
-        """What holds the shards of batches ``first_batch..`` of ``plan`` while they are read."""
-        if self.staged is None:
-            return LocalLeases()
-        return self.staged.leases(plan, first_batch)
 
     def close(self) -> None:
         """Stop the epoch in progress, close the shard files and let go of the shard
@@ -178,8 +169,8 @@ class EpochLoader:
         self._close_running()
         for reader in self._readers:
             reader.close()
-        if self.staged is not None:
-            self.staged.close()
+        if self.cache is not None:
+            self.cache.close()
 
     def __iter__(self):
         self._close_running()  # an abandoned epoch: stop its prefetching first
@@ -200,6 +191,8 @@ class EpochLoader:
 
     def _iterate(self, epoch: int, first_batch: int):
         plan = self.plan(epoch)
+        if self.cache is not None and first_batch < plan.num_batches:
+            self.cache.prefetch(first_reads(self.table, plan, first_batch))
         draws = None
         if self.config.is_train:
             draws = self._draw(self.config.seed, epoch, self.table.num_samples, self.spec)

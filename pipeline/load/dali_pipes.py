@@ -33,9 +33,8 @@ own) it measured the same: 1536 against 1389 img/s, 861 against 845 img/CPU-s,
 median paired ratio 1.02 (train, batch 128, 2 threads, 2000 synthetic images;
 ``tools/bench_loader.py``'s ``time_batches``, 10 alternating rounds in one process).
 
-Remote shards: the feeder holds the shards of the batch it reads
-(``pipeline.load.staging``); the bytes are in memory once it returns, so a shard
-is let go right after the last batch that reads it.
+Remote shards: the feeder's sample reader stages each shard on its first read
+(``pipeline.load.staging``); the feeder itself does not know where shards are.
 """
 
 from __future__ import annotations
@@ -54,7 +53,6 @@ from pipeline.load.base import EpochLoader
 from pipeline.load.epochs import EpochPlan
 from pipeline.load.interface import Device
 from pipeline.load.samples import SampleReader
-from pipeline.load.staging import LocalLeases, ShardLeases
 
 PREFETCH_QUEUE_DEPTH = 2
 OUTPUT_NAMES = ("images", "labels", "indices")
@@ -69,32 +67,19 @@ class BatchFeeder:
         self.train = train
         self._batches = iter(())
         self._draws = None
-        self._leases: ShardLeases | LocalLeases = LocalLeases()
 
-    def start(
-        self,
-        plan: EpochPlan,
-        first_batch: int,
-        draws,
-        leases: ShardLeases | LocalLeases | None = None,
-    ) -> None:
-        """Feed batches ``first_batch..`` of ``plan`` (with ``draws`` for train) from now on,
-        holding their shards through ``leases``."""
-        self._batches = (
-            (number, plan.batch(number)) for number in range(first_batch, plan.num_batches)
-        )
+    def start(self, plan: EpochPlan, first_batch: int, draws) -> None:
+        """Feed batches ``first_batch..`` of ``plan`` (with ``draws`` for train) from now on."""
+        self._batches = (plan.batch(number) for number in range(first_batch, plan.num_batches))
         self._draws = draws
-        self._leases = leases or LocalLeases()
 
     def stop(self) -> None:
         """End the epoch early: every further call raises StopIteration."""
         self._batches = iter(())
 
     def __call__(self):
-        number, positions = next(self._batches)  # StopIteration: the epoch is over
-        self._leases.before_batch(number)
+        positions = next(self._batches)  # StopIteration: the epoch is over
         samples = [self.reader.read(int(position)) for position in positions]
-        self._leases.after_batch(number)
         jpegs = [jpg for jpg, _, _ in samples]
         labels = np.array([label for _, label, _ in samples], dtype=np.int64)
         indices = np.array([index for _, _, index in samples], dtype=np.int64)
@@ -208,8 +193,8 @@ def decode_only_pipeline(feeder, **pipeline_arguments):
 class DaliLoader(EpochLoader):
     """The loader on DALI; the pipeline is built once and reused every epoch."""
 
-    def __init__(self, table, spec, config, draw, staged=None):
-        super().__init__(table, spec, config, draw, staged)
+    def __init__(self, table, spec, config, draw, cache=None):
+        super().__init__(table, spec, config, draw, cache)
         self._feeder = BatchFeeder(self.reader(), spec, config.is_train)
         device = "gpu" if config.device is Device.CUDA else "cpu"
         arguments = {
@@ -229,8 +214,7 @@ class DaliLoader(EpochLoader):
         self._ended = False  # the pipeline has run out of an epoch and needs a reset
 
     def _run(self, plan: EpochPlan, first_batch: int, draws):
-        leases = self.leases(plan, first_batch)
-        self._feeder.start(plan, first_batch, draws, leases)
+        self._feeder.start(plan, first_batch, draws)
         if self._ended:
             # Only now: reset() already schedules the first runs, which read from the feeder.
             self._batches.reset()
@@ -244,7 +228,6 @@ class DaliLoader(EpochLoader):
                 # depth) so that none of it leaks into the next epoch.
                 self._feeder.stop()
                 self._drain()
-            leases.close()
 
     def _next_batch(self) -> dict[str, torch.Tensor] | None:
         """The next batch of the epoch, or None (and the pipeline marked as ended) after it.

@@ -7,9 +7,8 @@ branch that chooses it (the DALI pipelines, :mod:`pipeline.load.dali_pipes`,
 or the PyTorch reference, :mod:`pipeline.load.torch_loader`); the backends
 share :mod:`pipeline.load.base` and never import this module.
 
-Remote shards (``http(s)://``, ``s3://``, ``pipe:`` locations) are staged
-into a bounded local cache that both backends read from
-(:mod:`pipeline.load.staging`).
+Remote shards (any fsspec URL, or ``pipe:``) are read through a bounded,
+verified local cache, the same for both backends (:mod:`pipeline.load.staging`).
 """
 
 from __future__ import annotations
@@ -23,13 +22,7 @@ from pipeline.load.base import DrawFunction, EpochLoader, LoaderConfig
 from pipeline.load.epochs import DEFAULT_SHUFFLE_WINDOW
 from pipeline.load.interface import Backend, Device, parse_backend, parse_device
 from pipeline.load.samples import load_split_table
-from pipeline.load.staging import (
-    StagedShards,
-    attach_cache,
-    cache_directory,
-    minimum_cache_bytes,
-    read_remote_split,
-)
+from pipeline.load.staging import open_remote_split, stretch_in_use
 from shards.errors import UserError
 from shards.manifest import Manifest
 from shards.remote import (
@@ -87,18 +80,17 @@ def create_loader(
     ``draw_augmentation`` replaces :func:`pipeline.load.augment.draw_augmentation`
     (tests use it to pin crops, flips and lighting).
 
-    ``shards_dir`` may also be remote: ``http(s)://``, ``s3://`` or
-    ``pipe:COMMAND`` (:mod:`shards.remote`). Shards are then staged into a
-    local cache, verified against the manifest's sha256 before use, and
-    prefetched in the order this rank's epoch reads them; both backends read
-    the staged files (the torch backend could stream, but one verified path
-    for both keeps them equal). ``cache_dir``: the cache's directory (one
-    process at a time; loaders of one process share it), by default a
-    temporary directory removed at exit. ``cache_bytes``: its size limit, by
-    default twice the minimum; a limit under the minimum (the shards that
-    the shuffle window and the batches in flight can span) is a UserError
-    that says the minimum. Both are ignored for a local directory. Call
-    ``loader.close()`` to let go of the cache before the process ends.
+    ``shards_dir`` may also be remote: any fsspec URL (``https://``, ``s3://``,
+    ``gs://``, ``hf://``...) or ``pipe:COMMAND`` (:mod:`shards.remote`). Each
+    shard is then staged into a local cache on its first read, verified against
+    the manifest's size and sha256 before use, and prefetched in the order this
+    rank's epoch reads them; both backends read the staged files.
+    ``cache_dir``: the cache's directory (one process at a time; loaders of one
+    process may share it), by default a temporary directory removed when the
+    loader closes. ``cache_bytes``: its size limit, by default twice the
+    minimum; a limit under the minimum (the shards that the shuffle window and
+    the batches in flight can span) is a UserError that says the minimum. Both
+    are ignored for a local directory.
     """
     backend, device = parse_backend(backend), parse_device(device)
     if normalize not in {mode.value for mode in Normalize}:
@@ -138,37 +130,21 @@ def create_loader(
         from pipeline.load.dali_pipes import DaliLoader as loader_class
     else:
         from pipeline.load.torch_loader import TorchLoader as loader_class
-    staged = None
+    cache = None
     if not local:
-        staged = _stage_remote(source, manifest, config, loader_class, cache_dir, cache_bytes)
-        table = staged.remote.table
+        stretch = stretch_in_use(
+            manifest.split(split).num_samples,
+            batch_size,
+            rank,
+            world_size,
+            shuffle_window if config.is_train else None,
+            loader_class.batches_in_flight(config),
+        )
+        table, cache = open_remote_split(source, manifest, split, cache_dir, cache_bytes, stretch)
     draw = draw_augmentation or paper_draws
     try:
-        return loader_class(table, spec, config, draw, staged)
+        return loader_class(table, spec, config, draw, cache)
     except BaseException:
-        if staged is not None:
-            staged.close()
+        if cache is not None:
+            cache.close()
         raise
-
-
-def _stage_remote(
-    source: ShardSource,
-    manifest: Manifest,
-    config: LoaderConfig,
-    loader_class: type[EpochLoader],
-    cache_dir,
-    cache_bytes,
-) -> StagedShards:
-    """The split's table over a shard cache, with a cache large enough for ``config``."""
-    directory = cache_directory(source.location, cache_dir)
-    remote = read_remote_split(source, manifest, config.split, directory)
-    minimum = minimum_cache_bytes(
-        remote,
-        manifest,
-        config.batch_size,
-        config.rank,
-        config.world_size,
-        config.shuffle_window if config.is_train else None,
-        loader_class.batches_in_flight(config),
-    )
-    return StagedShards(remote, attach_cache(source, manifest, directory, cache_bytes, minimum))

@@ -3,7 +3,8 @@
 A sample's bytes are read with ``os.pread`` at the offsets the build's
 ``.idx`` files record, so no loader ever scans a tar and any rank can
 start anywhere in an epoch. Both loader backends (and their DataLoader
-workers) read through :class:`SampleReader`.
+workers) read through :class:`SampleReader`, which is also where a remote
+shard is acquired: staged and verified by the shard cache on its first read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.cache import ShardCache
 from shards.errors import UserError
 from shards.index import INDEX_VERSION, TAR_BLOCK_SIZE, IndexFormatError, parse_index
 from shards.manifest import Manifest
@@ -167,25 +169,26 @@ class SampleReader:
     """Reads one sample's JPEG bytes, label and index by offset (``os.pread``).
 
     Keeps at most ``MAX_OPEN_SHARDS`` files open (ImageNet has ~1300
-    shards). With ``keep_open=False`` each read opens and closes its shard
-    (a few microseconds against milliseconds of decoding): what shards staged
-    in a cache need, since an evicted file kept open would go on taking disk
-    space. With ``with_index=False`` a sample's index is its position and its
-    ``.json`` is not parsed (a loader that does not yield indices need not
-    pay for them). Picklable, for DataLoader workers: open files are not carried.
+    shards). With a ``cache`` (remote shards) every read goes through it
+    instead: the first read of a shard stages it, and each read holds the
+    staged file only while it reads (a few microseconds against milliseconds
+    of decoding), so no evicted file lingers open. With ``with_index=False`` a
+    sample's index is its position and its ``.json`` is not parsed (a loader
+    that does not yield indices need not pay for them). Picklable, for
+    DataLoader workers: open files are not carried.
     """
 
-    def __init__(self, table: SplitTable, keep_open: bool = True, with_index: bool = True):
+    def __init__(self, table: SplitTable, with_index: bool = True, cache: ShardCache | None = None):
         self.table = table
-        self.keep_open = keep_open
         self.with_index = with_index
+        self.cache = cache
         self._files: collections.OrderedDict[int, int] = collections.OrderedDict()
 
     def __getstate__(self):
-        return {"table": self.table, "keep_open": self.keep_open, "with_index": self.with_index}
+        return {"table": self.table, "with_index": self.with_index, "cache": self.cache}
 
     def __setstate__(self, state):
-        self.__init__(state["table"], state["keep_open"], state["with_index"])
+        self.__init__(state["table"], state["with_index"], state["cache"])
 
     def _descriptor(self, shard: int) -> int:
         descriptor = self._files.get(shard)
@@ -199,13 +202,9 @@ class SampleReader:
         return descriptor
 
     def _pread(self, shard: int, size: int, start: int) -> bytes:
-        if self.keep_open:
-            return os.pread(self._descriptor(shard), size, start)
-        descriptor = os.open(self.table.paths[shard], os.O_RDONLY)
-        try:
-            return os.pread(descriptor, size, start)
-        finally:
-            os.close(descriptor)
+        if self.cache is not None:
+            return self.cache.read(shard, start, size)
+        return os.pread(self._descriptor(shard), size, start)
 
     def read(self, position: int) -> tuple[np.ndarray, int, int]:
         """(jpeg bytes as a uint8 array, label, the sample's index from KEY.json).

@@ -7,12 +7,9 @@ per-sample draws, so the two backends differ only by their JPEG decoders.
 ``num_threads`` becomes the number of DataLoader worker processes (0: decode
 in the calling process).
 
-Remote shards: this backend could stream tars directly, but it reads the
-same staged, verified cache files as DALI (``pipeline.load.staging``), so both
-backends see the same bytes. The cache lives in the main process (it is
-not picklable); the batch sampler, which runs there, holds a batch's shards
-before a worker gets its indices, and the shards are released when the batch
-comes back, so workers only read files that are staged and held.
+Remote shards: the workers' sample readers stage each shard on its first read
+into the same verified cache DALI reads (``pipeline.load.staging``); the cache
+lives in its directory, so the workers and the main process share it.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from pipeline.load.augment import AugmentSpec, train_reference, val_reference
 from pipeline.load.base import EpochLoader, LoaderConfig
 from pipeline.load.epochs import EpochPlan
 from pipeline.load.samples import SampleReader
-from pipeline.load.staging import LocalLeases, ShardLeases
+from shards.errors import UserError
 
 # Batches each DataLoader worker has queued (torch's default, fixed here because the
 # shard cache must hold the shards of every batch out at once).
@@ -89,34 +86,11 @@ def batch_work(plan: EpochPlan, number: int, draws) -> list:
     ]
 
 
-class LeasedBatches:
-    """The batch sampler: hands out the planned batches, holding each one's shards first.
-
-    The DataLoader iterates it in the main process as it gives batches to
-    workers, so a batch's shards are staged before any worker reads them.
-    """
-
-    def __init__(self, plan: EpochPlan, first_batch: int, draws, leases: ShardLeases | LocalLeases):
-        self.plan = plan
-        self.first_batch = first_batch
-        self.draws = draws
-        self.leases = leases
-
-    def __len__(self) -> int:
-        """The batches still to come: ``first_batch..`` of the plan."""
-        return max(0, self.plan.num_batches - self.first_batch)
-
-    def __iter__(self):
-        for number in range(self.first_batch, self.plan.num_batches):
-            self.leases.before_batch(number)
-            yield batch_work(self.plan, number, self.draws)
-
-
 class TorchLoader(EpochLoader):
     """The loader on torch.utils.data.DataLoader + PIL."""
 
-    def __init__(self, table, spec, config, draw, staged=None):
-        super().__init__(table, spec, config, draw, staged)
+    def __init__(self, table, spec, config, draw, cache=None):
+        super().__init__(table, spec, config, draw, cache)
         self._dataset = ReferenceSamples(self.reader(), spec, config.ten_crop)
 
     @staticmethod
@@ -124,25 +98,29 @@ class TorchLoader(EpochLoader):
         return PREFETCH_FACTOR * config.num_threads
 
     def _run(self, plan: EpochPlan, first_batch: int, draws):
-        if first_batch >= plan.num_batches:
+        numbers = range(first_batch, plan.num_batches)
+        if not numbers:
             return
-        leases = self.leases(plan, first_batch)
-        try:
-            # The inner generator ends (and with it the workers) before the shards go.
-            yield from self._load(LeasedBatches(plan, first_batch, draws, leases))
-        finally:
-            leases.close()
-
-    def _load(self, sampler: LeasedBatches):
-        workers = min(self.config.num_threads, len(sampler))
+        workers = min(self.config.num_threads, len(numbers))
         batches = DataLoader(
             self._dataset,
-            batch_sampler=sampler,
+            batch_sampler=(batch_work(plan, number, draws) for number in numbers),
             num_workers=workers,
             prefetch_factor=PREFETCH_FACTOR if workers else None,
             pin_memory=self.torch_device.type == "cuda",
         )
-        for number, batch in enumerate(batches, start=sampler.first_batch):
-            sampler.leases.after_batch(number)
-            # From pinned memory, asynchronous: no wait for the GPU inside next(loader).
-            yield tuple(part.to(self.torch_device, non_blocking=True) for part in batch)
+        try:
+            for batch in batches:
+                # From pinned memory, asynchronous: no wait for the GPU inside next(loader).
+                yield tuple(part.to(self.torch_device, non_blocking=True) for part in batch)
+        except UserError as error:
+            raise worker_error(error) from None
+
+
+def worker_error(error: UserError) -> UserError:
+    """A worker's UserError (a corrupt remote shard, say) as its one line: DataLoader re-raises
+    it with the worker's traceback in the message."""
+    lines = str(error).strip().splitlines()
+    if len(lines) < 2 or not lines[0].startswith("Caught "):
+        return error
+    return type(error)(lines[-1].split(": ", 1)[-1])
