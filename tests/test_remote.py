@@ -7,6 +7,7 @@ cache is smaller than the dataset, so staging a whole epoch has to evict.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -28,7 +29,7 @@ from PIL import Image
 from shards.atomic import is_temporary
 from shards.cache import AHEAD, ShardCache, ShardVerificationError
 from shards.errors import UserError
-from shards.index import build_index, parse_index
+from shards.index import IndexDigest, build_index, parse_index
 from shards.manifest import ClassInfo, Manifest, SplitEntry, write_json_atomic, write_manifest
 from shards.reader import iter_members, iter_shard, sha256_of_file
 from shards.remote import (
@@ -160,13 +161,7 @@ class DiskWatcher:
             time.sleep(0.0005)
 
     def measure(self) -> int:
-        total = 0
-        for path in list(self.directory.iterdir()) if self.directory.exists() else []:
-            try:
-                total += path.stat().st_size
-            except FileNotFoundError:
-                pass
-        return total
+        return disk_bytes(self.directory)
 
     def stop(self) -> int:
         self._stop.set()
@@ -178,6 +173,30 @@ def shard_files_named(cache_dir: Path, name: str) -> list[str]:
     """Files in the cache belonging to shard ``name``, final or temporary."""
     stem = name.removesuffix(".tar")
     return sorted(p.name for p in cache_dir.iterdir() if p.name.lstrip(".").startswith(stem))
+
+
+def open_cache(source, infos, directory, max_bytes) -> contextlib.closing[ShardCache]:
+    """A cache checking staged shards against the index files at ``source``, as a loader does;
+    closed when the ``with`` block ends."""
+    indexes = [IndexDigest.of(read_index(source, info.file).encode("ascii")) for info in infos]
+    return contextlib.closing(ShardCache(source, infos, indexes, directory, max_bytes))
+
+
+def fetch(cache: ShardCache, number: int) -> Path:
+    """Stage shard ``number`` (its first read) and give its path."""
+    cache.read(number, 0, 0)
+    return cache.paths[number]
+
+
+def disk_bytes(directory: Path) -> int:
+    """Bytes of the files in ``directory`` (temporaries included)."""
+    total = 0
+    for path in list(directory.iterdir()) if directory.exists() else []:
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def index_of(path: Path) -> str:
@@ -196,18 +215,18 @@ def test_half_size_cache_stages_every_shard_verified_and_stays_bounded(served, t
     order = [int(number) for number in numpy.random.default_rng(7).permutation(len(infos))]
     watcher = DiskWatcher(cache_dir)
     seen = []
-    with ShardCache(source, infos, cache_dir, limit) as cache:
+    with open_cache(source, infos, cache_dir, limit) as cache:
         cache.prefetch(order)
         for number in order:
-            path = cache.fetch(number)
+            path = fetch(cache, number)
             name = infos[number].file
             assert sha256_of_file(path) == infos[number].sha256
             assert index_of(path) == read_index(LocalSource(directory), name)
             samples = [(key, parts["jpg"], parts["cls"]) for key, parts in iter_shard(path)]
             assert samples == expected_samples(directory, name)
             seen += [key for key, _, _ in samples]
-            assert cache.bytes_used() <= limit
-        kept = [number for number in order if cache.path(number).exists()]
+            assert disk_bytes(cache.directory) <= limit
+        kept = [number for number in order if cache.paths[number].exists()]
     largest_on_disk = watcher.stop()
     assert sorted(seen) == sorted(
         f"train_{shard}_{position}"
@@ -223,10 +242,10 @@ def test_half_size_cache_stages_every_shard_verified_and_stays_bounded(served, t
 
     # A second run over the same cache directory reuses what is there.
     requests.clear()
-    with ShardCache(source, infos, cache_dir, limit) as cache:
-        assert cache.bytes_used() <= limit
+    with open_cache(source, infos, cache_dir, limit) as cache:
+        assert disk_bytes(cache.directory) <= limit
         for number in kept:
-            assert sha256_of_file(cache.fetch(number)) == infos[number].sha256
+            assert sha256_of_file(fetch(cache, number)) == infos[number].sha256
     assert not [path for path in requests if path.endswith(".tar")]
 
 
@@ -236,23 +255,23 @@ def test_eviction_takes_the_least_recently_used_shard_nobody_reads(served, tmp_p
     largest = max(info.bytes for info in infos)
     cache_dir = tmp_path / "cache"
     # Room for three shards of these: a fourth needs one evicted.
-    with ShardCache(open_source(url), infos, cache_dir, 3 * largest + 100) as cache:
-        paths = [cache.fetch(number) for number in range(3)]
+    with open_cache(open_source(url), infos, cache_dir, 3 * largest + 100) as cache:
+        paths = [fetch(cache, number) for number in range(3)]
         for age, path in zip((300, 100, 200), paths, strict=True):
             os.utime(path, (time.time(), time.time() - age))  # last used 300, 100, 200 s ago
-        cache.fetch(3)
+        fetch(cache, 3)
         assert [path.exists() for path in paths] == [False, True, True]  # the oldest went
         # Shard 2 is the oldest now; a reader holds it (as each read does): shard 1 goes.
         with open(paths[2], "rb") as reading:
             fcntl.flock(reading, fcntl.LOCK_SH)
-            cache.fetch(4)
+            fetch(cache, 4)
             assert [path.exists() for path in paths] == [False, False, True]
         # Staged ahead (the far-future mtime), shard 3 outlasts shard 4, used long ago.
-        os.utime(cache.path(3), (time.time(), AHEAD))
-        os.utime(cache.path(4), (time.time(), time.time() - 1000))
-        cache.fetch(5)
-        assert cache.path(3).exists() and not cache.path(4).exists()
-        assert cache.bytes_used() <= 3 * largest + 100
+        os.utime(cache.paths[3], (time.time(), AHEAD))
+        os.utime(cache.paths[4], (time.time(), time.time() - 1000))
+        fetch(cache, 5)
+        assert cache.paths[3].exists() and not cache.paths[4].exists()
+        assert disk_bytes(cache.directory) <= 3 * largest + 100
 
 
 def flip_byte_in_jpeg(directory: Path, name: str) -> None:
@@ -282,21 +301,21 @@ def test_corrupt_remote_shard_is_detected_and_never_cached(served, tmp_path, cor
     infos = manifest.split("train").shards
     cache_dir = tmp_path / "cache"
     watcher = DiskWatcher(cache_dir)
-    with ShardCache(open_source(url), infos, cache_dir, dataset_bytes(manifest)) as cache:
+    with open_cache(open_source(url), infos, cache_dir, dataset_bytes(manifest)) as cache:
         # On demand.
         with pytest.raises(ShardVerificationError, match=rf"^train-000002\.tar: .*{expected}"):
-            cache.fetch(bad)
+            fetch(cache, bad)
         assert shard_files_named(cache_dir, path.name) == []
         # Through the prefetcher: the good shard arrives, the bad one is reported, not used.
         cache.prefetch([bad, good])
-        assert sha256_of_file(cache.fetch(good)) == infos[good].sha256
+        assert sha256_of_file(fetch(cache, good)) == infos[good].sha256
         with pytest.raises(ShardVerificationError, match=expected):
-            cache.fetch(bad)
+            fetch(cache, bad)
         assert shard_files_named(cache_dir, path.name) == []
         lock_bytes = (cache_dir / ".lock").stat().st_size
-        assert cache.bytes_used() == infos[good].bytes + lock_bytes
+        assert disk_bytes(cache.directory) == infos[good].bytes + lock_bytes
     watcher.stop()
-    assert not cache.path(bad).exists()
+    assert not cache.paths[bad].exists()
 
 
 def test_stale_index_is_detected(served, tmp_path):
@@ -306,9 +325,9 @@ def test_stale_index_is_detected(served, tmp_path):
     lines[1], lines[2] = lines[2], lines[1]  # samples listed in the wrong order
     index_path.write_text("\n".join(lines) + "\n")
     infos = manifest.split("train").shards
-    with ShardCache(open_source(url), infos, tmp_path / "cache", 10**9) as cache:
+    with open_cache(open_source(url), infos, tmp_path / "cache", 10**9) as cache:
         with pytest.raises(ShardVerificationError, match=r"train-000001\.tar: its index"):
-            cache.fetch(1)
+            fetch(cache, 1)
         assert shard_files_named(tmp_path / "cache", "train-000001.tar") == []
 
 
@@ -316,8 +335,8 @@ def test_a_staged_shard_reads_as_the_served_tar(served, tmp_path):
     url, directory, manifest, _requests = served
     infos = manifest.split("val").shards
     assert infos[0].file == "val-000000.tar"
-    with ShardCache(open_source(url), infos, tmp_path / "cache", 10**9) as cache:
-        with tarfile.open(cache.fetch(0)) as archive:
+    with open_cache(open_source(url), infos, tmp_path / "cache", 10**9) as cache:
+        with tarfile.open(fetch(cache, 0)) as archive:
             names = [member.name for member in archive]
         first = parse_index((directory / "val-000000.idx").read_text())[0]
         jpg = next(component for component in first.components if component.ext == "jpg")
@@ -343,11 +362,11 @@ def test_pipe_source_stages_with_cat(served, tmp_path):
     source = open_source(f"pipe:echo {{file}} >> {log}; cat {directory}/{{file}}")
     assert read_manifest(source) == manifest
     infos = manifest.split("train").shards
-    with ShardCache(source, infos, tmp_path / "cache", dataset_bytes(manifest) // 2) as cache:
+    with open_cache(source, infos, tmp_path / "cache", dataset_bytes(manifest) // 2) as cache:
         cache.prefetch(range(len(infos)))
         for number, info in enumerate(infos):
             served_digest = hashlib.sha256((directory / info.file).read_bytes()).hexdigest()
-            assert sha256_of_file(cache.fetch(number)) == served_digest
+            assert sha256_of_file(fetch(cache, number)) == served_digest
     tars = sorted(line for line in log.read_text().split() if line.endswith(".tar"))
     assert tars == sorted(info.file for info in infos)  # each shard run once
     with pytest.raises(UserError, match=r"not a complete alexpipe shard directory.*status 1"):
@@ -365,9 +384,9 @@ def test_missing_remote_files_are_clear_user_errors(served, tmp_path):
         read_manifest(open_source("http://127.0.0.1:1/s"))
     (directory / "train-000004.tar").unlink()
     infos = manifest.split("train").shards
-    with ShardCache(open_source(url), infos, tmp_path / "cache", 10**9) as cache:
+    with open_cache(open_source(url), infos, tmp_path / "cache", 10**9) as cache:
         with pytest.raises(UserError, match=r"/shards/train-000004\.tar is missing \(HTTP 404\)"):
-            cache.fetch(4)
+            fetch(cache, 4)
         assert shard_files_named(tmp_path / "cache", "train-000004.tar") == []
 
 
@@ -417,19 +436,21 @@ def test_cache_limits_and_one_process_per_directory(served, tmp_path):
     remote = open_source(f"pipe:cat {directory}/{{file}}")
     largest = max(info.bytes for info in infos)
     with pytest.raises(UserError, match=f"{largest} bytes is too small.*--cache-size"):
-        ShardCache(remote, infos, tmp_path / "cache", largest)
-    with ShardCache(remote, infos, tmp_path / "cache", 10**9) as cache:
+        open_cache(remote, infos, tmp_path / "cache", largest)
+    with open_cache(remote, infos, tmp_path / "cache", 10**9) as cache:
         # This process's other loaders (train and val) may share it; another process may not.
-        ShardCache(remote, infos, tmp_path / "cache", 10**9).close()
+        with open_cache(remote, infos, tmp_path / "cache", 10**9):
+            pass
         script = (
             "import sys\n"
-            "from shards.cache import ShardCache\n"
+            f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+            "from test_remote import open_cache\n"
             "from shards.errors import UserError\n"
             "from shards.remote import open_source, read_manifest\n"
             "source = open_source(sys.argv[1])\n"
             "infos = read_manifest(source).split('train').shards\n"
             "try:\n"
-            "    ShardCache(source, infos, sys.argv[2], 10**9)\n"
+            "    open_cache(source, infos, sys.argv[2], 10**9)\n"
             "except UserError as error:\n"
             "    print(error)\n"
         )
@@ -441,11 +462,11 @@ def test_cache_limits_and_one_process_per_directory(served, tmp_path):
             timeout=120,
         )
         assert f"in use by another process (pid {os.getpid()})" in result.stdout, result.stderr
-        assert sha256_of_file(cache.fetch(0)) == infos[0].sha256
+        assert sha256_of_file(fetch(cache, 0)) == infos[0].sha256
     # A temporary directory (no cache_dir) is this cache's alone, and goes with it.
-    with ShardCache(remote, infos, None, 10**9) as cache:
+    with open_cache(remote, infos, None, 10**9) as cache:
         temporary = cache.directory
-        assert sha256_of_file(cache.fetch(1)) == infos[1].sha256
+        assert sha256_of_file(fetch(cache, 1)) == infos[1].sha256
     assert not temporary.exists()
 
 

@@ -1,16 +1,11 @@
 """Remote shards for the loaders: the split's table over a shard cache big enough for the run.
 
-For a location that is not a local directory, the loader reads the split's index
-files (a few at a time), builds its :class:`~pipeline.load.samples.SplitTable`
-over the names the verified tars have in a :class:`~shards.cache.ShardCache`, and
-its sample reader reads through that cache, which stages each shard on its first
-read; each epoch, the cache prefetches in the order that epoch reads the shards.
-
-Size: the shards in use at one time come from a stretch of the epoch order that the
-shuffle window and the batches in flight bound, whatever the epoch;
-:func:`minimum_cache_bytes` is the most that stretch can weigh. A smaller
-``cache_bytes`` is refused up front, naming the minimum; the default is
-:data:`DEFAULT_SIZE_FACTOR` times it (the rest is room to fetch ahead).
+The loader reads the split's index files (a few at a time), builds its table over the
+names the verified tars have in a :class:`~shards.cache.ShardCache`, and reads through
+it: each shard is staged on its first read, and prefetched in each epoch's order.
+The shards in use at one time come from a stretch of the epoch order that the shuffle
+window and the batches in flight bound; a ``cache_bytes`` under what that stretch can
+weigh is refused up front, naming the minimum; the default is twice it.
 """
 
 from __future__ import annotations
@@ -42,8 +37,8 @@ def open_remote_split(
     cache_bytes: int | None,
     stretch: int,
 ) -> tuple[SplitTable, ShardCache]:
-    """The table of a remote split and the cache its reader reads through, sized for
-    ``stretch`` samples in use at once (:func:`stretch_in_use`)."""
+    """The table of a remote split and the cache it reads through, sized for ``stretch``
+    samples in use at once (:func:`stretch_in_use`)."""
     infos = manifest.split(split).shards
     if not infos:
         raise UserError(f"split {split!r} of {source.location} has no shards")
@@ -53,12 +48,6 @@ def open_remote_split(
     table = split_table_from_indexes(
         [Path(info.file) for info in infos], zip(where, texts, strict=True)
     )
-    for info, count, location in zip(infos, table.shard_sizes, where, strict=True):
-        if count != info.num_samples:
-            raise UserError(
-                f"{location} lists {count} samples, the manifest {info.num_samples}; "
-                "the index and the manifest are from different builds"
-            )
     minimum = minimum_cache_bytes(stretch, infos)
     size = DEFAULT_SIZE_FACTOR * minimum if cache_bytes is None else int(cache_bytes)
     if size < minimum:
@@ -68,9 +57,8 @@ def open_remote_split(
             f"can take {describe_bytes(minimum)}; raise --cache-size to at least that"
         )
     indexes = [IndexDigest.of(text.encode("ascii")) for text in texts]
-    cache = ShardCache(source, infos, cache_dir, size, indexes, working_bytes=minimum)
-    paths = tuple(cache.path(number) for number in range(len(infos)))
-    return dataclasses.replace(table, paths=paths), cache
+    cache = ShardCache(source, infos, indexes, cache_dir, size, working_bytes=minimum)
+    return dataclasses.replace(table, paths=cache.paths), cache
 
 
 def stretch_in_use(
@@ -81,14 +69,10 @@ def stretch_in_use(
     shuffle_window: int | None,
     batches_in_flight: int,
 ) -> int:
-    """The longest stretch of the epoch's shard order (before the window shuffle) whose
-    shards are in use at one time; the same for every epoch.
-
-    While batch ``b`` is read (and, with ``batches_in_flight`` F, batches up to
-    ``b + F``), the shards in use have a sample in this rank's batches ``b..b + F``
-    or later in the shuffle windows those batches reach into (``shuffle_window``
-    None: no shuffle), so they overlap that stretch of the concatenated shard order.
-    """
+    """The longest stretch of the epoch's shard order (before the window shuffle) whose shards
+    are in use at once, whatever the epoch: while this rank reads batches ``b..b + F``
+    (F: ``batches_in_flight``), its shards in use have samples there or later in the shuffle
+    windows those batches reach into (``shuffle_window`` None: no shuffle)."""
     sizes = rank_batch_sizes(num_samples, batch_size, world_size)
     steps = sizes.shape[1]
     starts = rank_batch_starts(sizes, rank)
@@ -101,12 +85,9 @@ def stretch_in_use(
 
 
 def minimum_cache_bytes(stretch: int, infos: tuple[ShardInfo, ...]) -> int:
-    """The most bytes of shards that ``stretch`` consecutive samples can touch, in any shard
-    order, and at least two of the largest (which :class:`~shards.cache.ShardCache` asks for).
-
-    Two shards can be cut at the ends; the ones in between lie wholly inside, so there are
-    at most two more than the smallest shards that fit in ``stretch - 2`` samples.
-    """
+    """The most bytes of shards that ``stretch`` consecutive samples can touch in any shard
+    order (two cut at the ends, and at most as many between as the smallest shards that fit
+    in ``stretch - 2`` samples), and at least two of the largest (what a cache asks for)."""
     inside = fitted = 0
     for count in sorted(info.num_samples for info in infos):
         if inside + count > stretch - 2:
@@ -125,10 +106,5 @@ def first_reads(table: SplitTable, plan: EpochPlan, first_batch: int) -> list[in
 
 
 def describe_bytes(count: int) -> str:
-    """``1288490188`` -> ``"1288490188 bytes (1.2 GiB)"``."""
-    value, unit = float(count), "bytes"
-    for name in ("KiB", "MiB", "GiB", "TiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, name
-    return f"{count} bytes" if unit == "bytes" else f"{count} bytes ({value:.1f} {unit})"
+    """``1288490188`` -> ``"1288490188 bytes (1.20 GiB)"``."""
+    return f"{count} bytes ({count / 2**30:.2f} GiB)"

@@ -114,7 +114,8 @@ class TorchLoader(EpochLoader):
                 # From pinned memory, asynchronous: no wait for the GPU inside next(loader).
                 yield tuple(part.to(self.torch_device, non_blocking=True) for part in batch)
         except UserError as error:
-            raise worker_error(error) from None
+            # Without its traceback, which holds the DataLoader's iterator: the workers end now.
+            raise worker_error(error.with_traceback(None)) from None
 
 
 def worker_error(error: UserError) -> UserError:
