@@ -2,20 +2,18 @@
 
 Readers read local files, so the shards of a remote location (:mod:`shards.remote`,
 whose libraries move the bytes) are staged into a directory on their first read
-(:meth:`ShardCache.read`, in whatever process reads) and ahead of it, in the order an
-epoch reads them (:meth:`ShardCache.prefetch`). What may be used and what stays:
-
-- Verified: a shard is written under a hidden temporary name while its size and sha256
-  are checked, and its members must give the index the loader read; only then is it
-  named ``<stem>.<sha256[:16]>.<index sha256[:8]>.tar`` (which later runs reuse).
-- Bounded: every file counts, and a download reserves its whole size first. Room is
-  made by evicting the least recently used shards, never one being read (readers hold
-  a shared flock). A shard staged ahead and not read yet has an mtime far in the future
-  (:data:`AHEAD` + its place): prefetching never evicts it, nor lets such shards take the
-  ``working_bytes`` that reads in progress need; on demand, the one needed last goes.
-- Shared: the directory is the state (sizes, last use as the mtime, readers as flocks),
-  changed under a lock of ``.state``, so DataLoader workers share it with their process,
-  which owns it (its pid in ``.lock``, flocked): one directory per rank.
+(:meth:`ShardCache.read`, in any process) and ahead of it, in the order an epoch reads
+them (:meth:`ShardCache.prefetch`). A shard is written under a hidden temporary name
+while its size and sha256 are checked, and its members must give the index the loader
+read; only then is it named ``<stem>.<sha256[:16]>.<index sha256[:8]>.tar``, which
+later runs reuse. Every file counts against ``max_bytes``, a download reserves its
+whole size first, and room is made by evicting the least recently used shards, never
+one being read (readers hold a shared flock). A shard staged ahead and not yet read has
+an mtime far in the future (:data:`AHEAD` + its place): prefetching never evicts it, nor
+lets such shards take the ``working_bytes`` that reads in progress need; on demand, the
+one needed last goes. The directory is the state (sizes, last use as the mtime, readers
+as flocks), changed under a lock of ``.state``, so DataLoader workers share it with the
+process that owns it (its pid in ``.lock``, flocked): one directory per rank.
 """
 
 from __future__ import annotations
@@ -24,17 +22,18 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import queue
+import re
 import shutil
 import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
-from shards.atomic import TEMPORARY_MARKER, remove_temporaries
+from shards.atomic import TEMPORARY_MARKER
 from shards.errors import UserError
 from shards.index import IndexDigest, build_index
 from shards.manifest import index_name
@@ -43,6 +42,9 @@ from shards.remote import CHUNK_BYTES, ShardSource, reading
 from shards.writer import ShardInfo
 
 LOCK_NAME, STATE_NAME = ".lock", ".state"
+# The cache's own files; anything else in the directory is neither counted nor touched.
+STAGED = r"[A-Za-z0-9][\w.-]*\.[0-9a-f]{16}\.[0-9a-f]{8}\.tar"
+OURS = re.compile(rf"{STAGED}|\.{STAGED}{re.escape(TEMPORARY_MARKER)}[0-9]+|\.lock|\.state")
 AHEAD = 4_000_000_000  # seconds: an mtime in 2096, which no file read today has
 POLL_SECONDS = 0.05
 TOUCH_SECONDS = 1.0  # a process marks a shard as used at most this often
@@ -61,9 +63,8 @@ class StagingCancelled(Exception):
 
 
 class ShardCache:
-    """Shards ``shards`` of ``source`` (one split's, by number, with the ``indexes`` the loader
-    read) staged in ``directory`` (None: a temporary one, removed when the cache closes), at
-    most ``max_bytes``. Picklable: a worker process reads through its copy."""
+    """Shards of ``source`` (one split's, by number, with the ``indexes`` the loader read) in
+    ``directory`` (None: a temporary one), at most ``max_bytes``. Picklable, for workers."""
 
     def __init__(
         self,
@@ -75,29 +76,32 @@ class ShardCache:
         working_bytes: int | None = None,
     ):
         self.source, self.shards, self.indexes = source, tuple(shards), tuple(indexes)
-        largest = max(info.bytes for info in self.shards)
-        if max_bytes < 2 * largest:
+        self.working_bytes = working_bytes or 2 * max(info.bytes for info in self.shards)
+        if max_bytes < self.working_bytes:
             raise UserError(
-                f"cache size {max_bytes} bytes is too small: it must hold at least two shards "
-                f"(the largest is {largest} bytes); raise --cache-size"
+                f"cache size {describe_bytes(max_bytes)} is too small for the shards of "
+                f"{source.location}: those a shuffle window and the batches in flight span can "
+                f"take {describe_bytes(self.working_bytes)}; raise --cache-size to at least that"
             )
-        self.max_bytes, self.working_bytes = int(max_bytes), working_bytes or 2 * largest
+        self.max_bytes = int(max_bytes)
         self._finalizer = None
         if directory is None:
             directory = tempfile.mkdtemp(prefix="alexpipe-shard-cache-")
             self._finalizer = weakref.finalize(self, _remove_directory, directory, os.getpid())
         self.directory = Path(directory).expanduser()
         self.paths = tuple(
-            self.directory / f"{info.file[:-4]}.{info.sha256[:16]}.{index.sha256[:8]}.tar"
+            self.directory
+            / f"{info.file.removesuffix('.tar')}.{info.sha256[:16]}.{index.sha256[:8]}.tar"
             for info, index in zip(self.shards, self.indexes, strict=True)
         )
         self._touched: dict[int, float] = {}
         self._generation = 0  # of the prefetch order; a new order cancels the old one's work
-        self._pool: ThreadPoolExecutor | None = None
+        self._tasks: queue.SimpleQueue | None = None  # of the prefetch threads
+        self._threads: list[threading.Thread] = []
         self._owner = _claim(self.directory)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_finalizer": None, "_pool": None, "_owner": None}
+        return {**self.__dict__, "_finalizer": None, "_tasks": None, "_threads": [], "_owner": None}
 
     def read(self, number: int, start: int, size: int) -> bytes:
         """``size`` bytes at ``start`` of shard ``number``, which is staged first if needed."""
@@ -108,8 +112,7 @@ class ShardCache:
                 self._stage(number)
                 continue
             try:
-                # Not blocking: an eviction holds it (or a worker forked meanwhile inherited
-                # that lock), so it is going; look again.
+                # Not blocking: an eviction (or a worker forked meanwhile) holds it; look again.
                 fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 if os.fstat(descriptor).st_nlink:  # else evicted between the open and the lock
                     now = time.monotonic()
@@ -135,40 +138,54 @@ class ShardCache:
                     os.utime(path, (now, AHEAD + places[path.name]))
                 elif status.st_mtime >= AHEAD:
                     os.utime(path, (now, now))
-        self._pool = self._pool or ThreadPoolExecutor(PREFETCH_THREADS, "shard-prefetch")
+        if self._tasks is None:
+            # Daemon threads: a program that ends without close() must not wait for them.
+            self._tasks = queue.SimpleQueue()
+            self._threads = [
+                threading.Thread(target=self._prefetch, args=(self._tasks,), daemon=True)
+                for _ in range(PREFETCH_THREADS)
+            ]
+            for thread in self._threads:
+                thread.start()
         for place, number in enumerate(order):
-            self._pool.submit(self._prefetch, number, place, generation)
+            self._tasks.put((number, place, generation))
 
     def close(self) -> None:
         """Stop prefetching (abandoning downloads in flight) and let go of the directory (a
-        temporary one is removed). Reading again stages on demand."""
+        temporary one is removed with what it holds)."""
         self._generation += 1
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        with self._state():  # what a killed worker was staging
-            _staging(self.directory, "")
+        for thread in self._threads:
+            self._tasks.put(None)  # each thread ends at one, after what it stages is cancelled
+            thread.join(timeout=SPACE_WAIT_SECONDS)
+        self._tasks, self._threads = None, []
+        if self.directory.is_dir():
+            with self._state():  # what a killed worker was staging
+                _staging(self.directory, "")
         if self._owner is not None:
             self._owner.close()
             self._owner = None
         if self._finalizer is not None:
             self._finalizer()
 
-    def _prefetch(self, number: int, place: int, generation: int) -> None:
-        def cancelled() -> bool:
-            return generation != self._generation
+    def _prefetch(self, tasks: queue.SimpleQueue) -> None:
+        """A prefetch thread: stages the tasks of the current order, skips those of old ones."""
+        while (task := tasks.get()) is not None:
+            number, place, generation = task
 
-        # What is wrong with a shard is left to its first read, which stages it again and stops.
-        with contextlib.suppress(Exception):
-            if not cancelled():
-                self._stage(number, place, cancelled)
+            def cancelled(generation=generation) -> bool:
+                return generation != self._generation
+
+            # What is wrong with a shard is left to its first read, which stages it again
+            # and stops the run.
+            with contextlib.suppress(Exception):
+                if not cancelled():
+                    self._stage(number, place, cancelled)
 
     def _stage(
         self, number: int, place: int | None = None, cancelled: Callable[[], bool] = lambda: False
     ) -> None:
-        """Download, verify and name shard ``number``, unless it is there. If another thread or
-        process stages it, wait for that (on demand) or leave it (``place`` given: staging it
-        ahead, as the ``place``-th of the prefetch order)."""
+        """Download, verify and name shard ``number`` unless it is there; if another stages it,
+        wait (on demand) or leave it (``place``: staging ahead, the order's ``place``-th)."""
         info, path = self.shards[number], self.paths[number]
         # The stager's pid in the name tells a live download from one a killed worker left.
         partial = path.with_name(f".{path.name}{TEMPORARY_MARKER}{os.getpid()}")
@@ -230,40 +247,38 @@ class ShardCache:
                 digest.update(chunk)
                 handle.write(chunk)
         if count < info.bytes:
-            raise ShardVerificationError(
-                f"{info.file}: {where} ended after {count} of the {info.bytes} bytes the "
-                "manifest records; truncated, not using it"
-            )
+            problem = f"{where} ended after {count} of the {info.bytes} bytes the manifest records"
+            raise ShardVerificationError(f"{info.file}: {problem}; truncated, not using it")
         if (actual := digest.hexdigest()) != info.sha256:
-            raise ShardVerificationError(
-                f"{info.file}: sha256 of {where} is {actual[:12]}…, the manifest records "
-                f"{info.sha256[:12]}…; corrupt copy, not using it"
+            problem = (
+                f"sha256 of {where} is {actual[:12]}…, the manifest records {info.sha256[:12]}…"
             )
+            raise ShardVerificationError(f"{info.file}: {problem}; corrupt copy, not using it")
         handle.flush()
         os.fsync(handle.fileno())  # a final name must never hold what a power loss cut short
 
     @contextlib.contextmanager
     def _state(self):
-        """Exclusive while held: among processes by a POSIX lock of ``.state`` (which, unlike
-        a flock, a worker forked meanwhile does not inherit and keep), among this process's
-        threads (which POSIX locks do not tell apart) by the process's lock."""
+        """Exclusive: among processes by a POSIX lock of ``.state`` (unlike a flock, a worker
+        forked meanwhile does not keep it), among this process's threads by its own lock."""
         threads = _THREADS.setdefault(os.getpid(), threading.Lock())
         with threads, open(self.directory / STATE_NAME, "a") as handle:
             fcntl.lockf(handle, fcntl.LOCK_EX)
             yield
 
     def _make_room(self, needed: int, ahead: bool) -> bool:
-        """Evict until ``needed`` more bytes fit; False if they cannot. With ``ahead``, shards
-        staged ahead are kept, and they (and downloads) may not take the room of the reads in
-        progress. Call with the state held."""
+        """Evict until ``needed`` more bytes fit (False: they cannot); ``ahead``: keeping shards
+        staged ahead, which with downloads may not take reads' ``working_bytes``. State held."""
         files = _files(self.directory)
         free = self.max_bytes - sum(status.st_size for _path, status in files)
         if ahead:
             waiting = sum(s.st_size for p, s in files if s.st_mtime >= AHEAD or p.name[0] == ".")
             if waiting + needed > self.max_bytes - self.working_bytes:
                 return False
+        # Least recently used first; then (on demand only) those staged ahead, needed last first.
         staged = [(path, status) for path, status in files if path.name[0] != "."]
-        for path, status in sorted(staged, key=lambda item: _eviction_rank(item[1].st_mtime)):
+        staged.sort(key=lambda item: (item[1].st_mtime >= AHEAD, -abs(item[1].st_mtime - AHEAD)))
+        for path, status in staged:
             if free >= needed or (ahead and status.st_mtime >= AHEAD):
                 break
             if _evict(path):
@@ -272,17 +287,13 @@ class ShardCache:
 
 
 def _files(directory: Path) -> list[tuple[Path, os.stat_result]]:
+    """The cache's own files in ``directory``, with their status."""
     found = []
     for entry in os.scandir(directory):
         with contextlib.suppress(FileNotFoundError):  # a failed download's temporary, just gone
-            if entry.is_file(follow_symlinks=False):
+            if OURS.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 found.append((Path(entry.path), entry.stat(follow_symlinks=False)))
     return found
-
-
-def _eviction_rank(mtime: float) -> tuple[bool, float]:
-    """Least recently used first; then (on demand only) those staged ahead, needed last first."""
-    return (mtime >= AHEAD, -mtime if mtime >= AHEAD else mtime)
 
 
 def _evict(path: Path) -> bool:
@@ -306,11 +317,12 @@ def _staging(directory: Path, name: str) -> bool:
     gone are removed. Call with the state held."""
     busy = False
     for partial in directory.glob(f".{name}*{TEMPORARY_MARKER}*"):
-        pid = partial.name.rsplit(TEMPORARY_MARKER, 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            partial.unlink(missing_ok=True)
-        else:
+        if not OURS.fullmatch(partial.name):
+            continue
+        if _alive(int(partial.name.rsplit(TEMPORARY_MARKER, 1)[1])):
             busy = True
+        else:
+            partial.unlink(missing_ok=True)
     return busy
 
 
@@ -340,8 +352,13 @@ def _claim(directory: Path) -> IO[str] | None:
         ) from None
     handle.truncate(0)
     print(os.getpid(), file=handle, flush=True)
-    remove_temporaries(directory)
+    _staging(directory, "")
     return handle
+
+
+def describe_bytes(count: int) -> str:
+    """``1288490188`` -> ``"1288490188 bytes (1.20 GiB)"``."""
+    return f"{count} bytes ({count / 2**30:.2f} GiB)"
 
 
 def _remove_directory(directory: str, pid: int) -> None:

@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from shards.atomic import is_temporary
-from shards.cache import AHEAD, ShardCache, ShardVerificationError
+from shards.cache import AHEAD, ShardCache, ShardVerificationError, describe_bytes
 from shards.errors import UserError
 from shards.index import IndexDigest, build_index, parse_index
 from shards.manifest import ClassInfo, Manifest, SplitEntry, write_json_atomic, write_manifest
@@ -254,6 +254,8 @@ def test_eviction_takes_the_least_recently_used_shard_nobody_reads(served, tmp_p
     infos = manifest.split("train").shards
     largest = max(info.bytes for info in infos)
     cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    (cache_dir / "notes.txt").write_bytes(bytes(4 * largest))  # not the cache's: kept, not counted
     # Room for three shards of these: a fourth needs one evicted.
     with open_cache(open_source(url), infos, cache_dir, 3 * largest + 100) as cache:
         paths = [fetch(cache, number) for number in range(3)]
@@ -266,12 +268,15 @@ def test_eviction_takes_the_least_recently_used_shard_nobody_reads(served, tmp_p
             fcntl.flock(reading, fcntl.LOCK_SH)
             fetch(cache, 4)
             assert [path.exists() for path in paths] == [False, False, True]
-        # Staged ahead (the far-future mtime), shard 3 outlasts shard 4, used long ago.
-        os.utime(cache.paths[3], (time.time(), AHEAD))
-        os.utime(cache.paths[4], (time.time(), time.time() - 1000))
-        fetch(cache, 5)
-        assert cache.paths[3].exists() and not cache.paths[4].exists()
-        assert disk_bytes(cache.directory) <= 3 * largest + 100
+        # Only shards staged ahead can go (shard 2 is read): the one needed last goes first.
+        os.utime(cache.paths[3], (time.time(), AHEAD + 0))
+        os.utime(cache.paths[4], (time.time(), AHEAD + 1))
+        with open(paths[2], "rb") as reading:
+            fcntl.flock(reading, fcntl.LOCK_SH)
+            fetch(cache, 5)
+        assert paths[2].exists() and cache.paths[3].exists() and not cache.paths[4].exists()
+        assert disk_bytes(cache.directory) - 4 * largest <= 3 * largest + 100
+    assert (cache_dir / "notes.txt").stat().st_size == 4 * largest
 
 
 def flip_byte_in_jpeg(directory: Path, name: str) -> None:
@@ -435,8 +440,9 @@ def test_cache_limits_and_one_process_per_directory(served, tmp_path):
     infos = manifest.split("train").shards
     remote = open_source(f"pipe:cat {directory}/{{file}}")
     largest = max(info.bytes for info in infos)
-    with pytest.raises(UserError, match=f"{largest} bytes is too small.*--cache-size"):
+    with pytest.raises(UserError, match="too small.*--cache-size") as caught:
         open_cache(remote, infos, tmp_path / "cache", largest)
+    assert describe_bytes(2 * largest) in str(caught.value)  # two of the largest, at least
     with open_cache(remote, infos, tmp_path / "cache", 10**9) as cache:
         # This process's other loaders (train and val) may share it; another process may not.
         with open_cache(remote, infos, tmp_path / "cache", 10**9):

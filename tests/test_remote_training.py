@@ -26,9 +26,8 @@ from click.testing import CliRunner
 from conftest import build_shard_dir
 
 from pipeline.load.loader import create_loader
-from pipeline.load.staging import describe_bytes
 from shards.atomic import is_temporary
-from shards.cache import ShardVerificationError
+from shards.cache import ShardVerificationError, describe_bytes
 from shards.errors import UserError
 from shards.index import parse_index
 from shards.reader import iter_shard, sha256_of_file

@@ -1,11 +1,9 @@
 """Remote shards for the loaders: the split's table over a shard cache big enough for the run.
 
-The loader reads the split's index files (a few at a time), builds its table over the
-names the verified tars have in a :class:`~shards.cache.ShardCache`, and reads through
-it: each shard is staged on its first read, and prefetched in each epoch's order.
-The shards in use at one time come from a stretch of the epoch order that the shuffle
-window and the batches in flight bound; a ``cache_bytes`` under what that stretch can
-weigh is refused up front, naming the minimum; the default is twice it.
+The loader reads the split's index files and its table points at the names the verified
+tars have in a :class:`~shards.cache.ShardCache`, which stages each shard on its first
+read. Its size must cover the shards in use at once, which come from a stretch of the
+epoch order that the shuffle window and the batches in flight bound; the default is twice it.
 """
 
 from __future__ import annotations
@@ -50,12 +48,6 @@ def open_remote_split(
     )
     minimum = minimum_cache_bytes(stretch, infos)
     size = DEFAULT_SIZE_FACTOR * minimum if cache_bytes is None else int(cache_bytes)
-    if size < minimum:
-        raise UserError(
-            f"cache size {describe_bytes(size)} is too small for the shards of "
-            f"{source.location}: the shards a shuffle window and the batches in flight span "
-            f"can take {describe_bytes(minimum)}; raise --cache-size to at least that"
-        )
     indexes = [IndexDigest.of(text.encode("ascii")) for text in texts]
     cache = ShardCache(source, infos, indexes, cache_dir, size, working_bytes=minimum)
     return dataclasses.replace(table, paths=cache.paths), cache
@@ -103,8 +95,3 @@ def first_reads(table: SplitTable, plan: EpochPlan, first_batch: int) -> list[in
     shards = table.shard[plan.positions[int(plan.bounds[first_batch]) :]]
     numbers, first = np.unique(shards, return_index=True)
     return numbers[np.argsort(first)].tolist()
-
-
-def describe_bytes(count: int) -> str:
-    """``1288490188`` -> ``"1288490188 bytes (1.20 GiB)"``."""
-    return f"{count} bytes ({count / 2**30:.2f} GiB)"
