@@ -14,6 +14,7 @@ lives in its directory, so the workers and the main process share it.
 
 from __future__ import annotations
 
+import gc
 import io
 
 import numpy as np
@@ -102,6 +103,10 @@ class TorchLoader(EpochLoader):
         if not numbers:
             return
         workers = min(self.config.num_threads, len(numbers))
+        if workers:
+            # A DALI pipeline left in a reference cycle is collected here, not in a forked
+            # worker, where its shutdown would wait forever for threads only this process has.
+            gc.collect()
         batches = DataLoader(
             self._dataset,
             batch_sampler=(batch_work(plan, number, draws) for number in numbers),
