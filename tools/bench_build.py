@@ -345,6 +345,7 @@ class TreeSampler(threading.Thread):
         self.page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
 
     def run(self) -> None:
+        self.sample()
         while not self.stopped.wait(self.interval):
             self.sample()
 
@@ -451,7 +452,13 @@ def converters(args, work: Path, plain_path: str | None) -> dict:
     def ffcv(size, corpus):
         target = out_dir("ffcv", size)
         target.mkdir()
-        command = [str(FFCV_PYTHON), "-c", FFCV_CONVERTER, str(corpus), str(target / "data.beton")]
+        command = [
+            str(args.ffcv_python),
+            "-c",
+            FFCV_CONVERTER,
+            str(corpus),
+            str(target / "data.beton"),
+        ]
         return run_timed(command + [str(args.workers), str(SHARD_SIZE)])
 
     def alexpipe(size, corpus):
@@ -468,26 +475,22 @@ def converters(args, work: Path, plain_path: str | None) -> dict:
     return {"plain": plain, "pool": pool, "ffcv": ffcv, "alexpipe": alexpipe}
 
 
-def ensure_ffcv() -> str | None:
-    """None when FFCV is usable, else why not (the script's last line)."""
-    if not FFCV_PYTHON.exists():
-        result = subprocess.run(
-            ["bash", str(ROOT / "tools" / "install_ffcv.sh")],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            lines = (result.stderr or result.stdout).strip().splitlines() or ["install failed"]
-            return lines[-1]
+def ffcv_problem(python: Path) -> str | None:
+    """None when FFCV imports in ``python``'s venv, else why not, in one line."""
+    if not python.exists():
+        log = ROOT / "bench-out" / "install_ffcv.log"  # written by `make bench`
+        lines = log.read_text().strip().splitlines() if log.exists() else []
+        why = f": {lines[-1]}" if lines else ""
+        return f"FFCV is not installed ({python} missing{why}); run tools/install_ffcv.sh"
     check = subprocess.run(
-        [str(FFCV_PYTHON), "-c", "import ffcv.writer, ffcv.fields"],
+        [str(python), "-c", "import ffcv.writer, ffcv.fields"],
         capture_output=True,
         text=True,
         check=False,
     )
     if check.returncode != 0:
-        return (check.stderr.strip().splitlines() or ["import ffcv failed"])[-1]
+        lines = check.stderr.strip().splitlines() or ["import ffcv failed"]
+        return f"FFCV does not import in {python}: {lines[-1]}"
     return None
 
 
@@ -495,10 +498,16 @@ def ensure_ffcv() -> str | None:
 
 
 def fit(small: int, large: int, runs: dict) -> dict:
-    """Slope and start-up from one run at each size."""
+    """Slope and start-up from one run at each size; CPU ms per image at scale."""
     t1, t2 = runs[small]["seconds"], runs[large]["seconds"]
     slope = (large - small) / (t2 - t1) if t2 > t1 else float("inf")
-    return {"slope": slope, "startup_s": t1 - small / slope, "total_rate": large / t2}
+    cpu = runs[large]["cpu_seconds"] - runs[small]["cpu_seconds"]
+    return {
+        "slope": slope,
+        "startup_s": t1 - small / slope,
+        "total_rate": large / t2,
+        "cpu_ms_per_image": 1000 * cpu / (large - small),
+    }
 
 
 def span(values: list[float], digits: int = 0) -> str:
@@ -512,19 +521,23 @@ def span(values: list[float], digits: int = 0) -> str:
 def summarize(rows: list[str], repeats: list[dict], sizes: list[int]) -> dict:
     small, large = sizes[0], sizes[-1]
     fits = {row: [fit(small, large, repeat[row]) for repeat in repeats] for row in rows}
-    summary = {"rows": {}, "ratios": {}}
+    summary = {"rows": {}, "ratios": {}, "cpu_ratios": {}}
     for row in rows:
         summary["rows"][row] = {
             "slope_img_per_s": [round(f["slope"], 1) for f in fits[row]],
             "startup_s": [round(f["startup_s"], 2) for f in fits[row]],
             "total_rate_at_largest": [round(f["total_rate"], 1) for f in fits[row]],
+            "cpu_ms_per_image": [round(f["cpu_ms_per_image"], 3) for f in fits[row]],
         }
     if "alexpipe" in rows:
         for other in rows:
             if other != "alexpipe":
+                pairs = list(zip(fits["alexpipe"], fits[other], strict=True))
                 summary["ratios"][f"alexpipe_vs_{other}"] = [
-                    round(a["slope"] / b["slope"], 3)
-                    for a, b in zip(fits["alexpipe"], fits[other], strict=True)
+                    round(a["slope"] / b["slope"], 3) for a, b in pairs
+                ]
+                summary["cpu_ratios"][f"alexpipe_vs_{other}"] = [
+                    round(b["cpu_ms_per_image"] / a["cpu_ms_per_image"], 3) for a, b in pairs
                 ]
     return summary
 
@@ -539,15 +552,19 @@ def print_table(result: dict) -> None:
         f"over 1000 px; decode {corpus['decode_ms']} ms/image "
         f"({corpus['decode_draft_ms']} with draft), {result['pil']}"
     )
+    if not result["pil"].startswith("Pillow-SIMD"):
+        print("WARNING: the active PIL is not Pillow-SIMD (make install builds it)")
     print(f"{result['workers']} workers, {len(result['repeats'])} repeat(s); ranges over repeats\n")
     header = ["converter"] + [f"s @ {size:,}" for size in sizes]
-    header += ["img/s at scale", "start-up s", f"peak RSS MB @ {sizes[0]:,} / {sizes[-1]:,}"]
+    header += ["img/s at scale", "start-up s", "CPU ms/img at scale"]
+    header += [f"peak RSS MB @ {sizes[0]:,} / {sizes[-1]:,}"]
     table = [header]
     for row in rows:
         runs = [repeat[row] for repeat in result["repeats"]]
         line = [row] + [span([run[size]["seconds"] for run in runs], 1) for size in sizes]
         line.append(span(result["summary"]["rows"][row]["slope_img_per_s"]))
         line.append(span(result["summary"]["rows"][row]["startup_s"], 1))
+        line.append(span(result["summary"]["rows"][row]["cpu_ms_per_image"], 2))
         peaks = [
             span([run[size]["peak_tree_rss_mb"] for run in runs]) for size in (sizes[0], sizes[-1])
         ]
@@ -560,7 +577,8 @@ def print_table(result: dict) -> None:
     targets = {"alexpipe_vs_pool": 0.75, "alexpipe_vs_ffcv": 1.15}
     for name, values in result["summary"]["ratios"].items():
         target = f" (target >= {targets[name]})" if name in targets else ""
-        print(f"{name}: slope ratio {span(values, 2)}{target}")
+        cpu = span(result["summary"]["cpu_ratios"][name], 2)
+        print(f"{name}: slope ratio {span(values, 2)}{target}; by CPU time per image {cpu}")
     if result.get("ffcv_skipped"):
         print(f"ffcv: SKIPPED ({result['ffcv_skipped']})")
     stages = result.get("stages")
@@ -589,6 +607,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--work", type=Path, default=ROOT / "bench-out" / "build")
+    parser.add_argument("--ffcv-python", type=Path, default=FFCV_PYTHON)
+    parser.add_argument(
+        "--plain-pil",
+        choices=["plain", "active"],
+        default="plain",
+        help="plain: the plain row with plain Pillow (pip-installed into WORK on first use); "
+        "active: with this environment's PIL",
+    )
     parser.add_argument("--no-stages", action="store_true", help="skip the one-core stage timings")
     parser.add_argument("--json", action="store_true", help="print the JSON result, not the table")
     args = parser.parse_args()
@@ -601,19 +627,16 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
 
     result = {"sizes": sizes, "workers": args.workers, "shard_size": SHARD_SIZE, "pil": pil_name()}
-    if "ffcv" in rows:
-        print("checking FFCV (tools/install_ffcv.sh on first use) ...", file=sys.stderr)
-        reason = ensure_ffcv()
-        if reason:
-            print(f"FFCV is not usable, its row is skipped: {reason}", file=sys.stderr)
-            result["ffcv_skipped"] = reason
-            rows.remove("ffcv")
+    if "ffcv" in rows and (reason := ffcv_problem(args.ffcv_python)):
+        print(f"SKIPPING the ffcv row: {reason}", file=sys.stderr)
+        result["ffcv_skipped"] = reason
+        rows.remove("ffcv")
     result["rows"] = rows
     corpora = make_corpora(args.work, sizes, args.workers)
     result["corpus"] = describe_corpus(corpora[sizes[-1]])
     if not args.no_stages:
         result["stages"] = kernel_stages(corpora[sizes[-1]])
-    plain_path = plain_pillow(args.work) if "plain" in rows else None
+    plain_path = plain_pillow(args.work) if "plain" in rows and args.plain_pil == "plain" else None
     if "plain" in rows:
         result["plain_pil"] = pil_name(dict(os.environ, PYTHONPATH=plain_path or ""))
     run = converters(args, args.work, plain_path)
