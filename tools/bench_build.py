@@ -220,25 +220,45 @@ def describe_corpus(train: Path, sample: int = 400) -> dict:
     }
 
 
-def kernel_stages(train: Path, count: int = 200, rounds: int = 5) -> dict:
-    """alexpipe's per-image stages on one core, ms/image of this process's CPU time.
+def kernel_stages(train: Path, work: Path, count: int = 200, rounds: int = 5) -> dict:
+    """Per-image costs on one core, ms/image of this process's CPU time.
 
-    Every stage runs once per round, the rounds one after the other, and each
-    stage's least disturbed round counts: a shared machine slows some rounds.
+    alexpipe's stages, and the whole of one shard (``run_shard``: everything a
+    worker does per image) against the pool's per-image work on the same
+    images: the ratio of those two is the bound of the alexpipe/pool ratio,
+    free of scheduling, Ray and the other processes. Every stage runs once per
+    round and each stage's least disturbed round counts: a shared machine
+    slows some rounds.
     """
     import numpy as np
 
+    from pipeline.build.plan import ShardPlan, plan_build
+    from pipeline.build.shard_task import run_shard
+    from pipeline.build.sources import discover
     from pipeline.build.stats import PixelStats
     from pipeline.build.transform import TransformConfig, _decode_stored, process_image
 
-    paths = sorted(train.rglob("*.JPEG"))
-    datas = [path.read_bytes() for path in paths[:: max(1, len(paths) // count)]]
+    items = discover(train.parent, "folder", ("train",)).items["train"]
+    plan = plan_build({"train": items}, len(items), seed=0)[0]
+    plan = ShardPlan(**{**vars(plan), "samples": plan.samples[:count]})
+    paths = [str(planned.item.location) for planned in plan.samples]
+    datas = [Path(path).read_bytes() for path in paths]
+    pool_code: dict = {}
+    exec(compile(POOL_CONVERTER, "pool_converter", "exec"), pool_code)
+    shard_dir = work / "out" / "stages"
+    (shard_dir / "_work").mkdir(parents=True, exist_ok=True)
     config = TransformConfig()
     results = [process_image(data, config) for data in datas]
     jpgs = [result.jpg for result in results]
     pixels = [result.pixels for result in results]
     interleaved = [np.ascontiguousarray(image[::-1])[::-1] for image in pixels]  # strided
+    per_shard = [plan]  # run_shard's time is divided by the plan's images below
     stages = {
+        "pool_per_image_ms": (
+            lambda chunk: pool_code["chunk"]((str(shard_dir / "pool.tar"), chunk)),
+            [paths],
+        ),
+        "run_shard_per_image_ms": (lambda one: run_shard(one, config, shard_dir), per_shard),
         "process_image_ms": (lambda data: process_image(data, config), datas),
         "process_image_no_stats_ms": (
             lambda data: process_image(data, config, decode_stored=False),
@@ -254,9 +274,15 @@ def kernel_stages(train: Path, count: int = 200, rounds: int = 5) -> dict:
             started = time.process_time()
             for item in items:
                 function(item)
-            elapsed = (time.process_time() - started) / len(items) * 1000
+            images = len(paths) if name in ("pool_per_image_ms", "run_shard_per_image_ms") else 1
+            elapsed = (time.process_time() - started) / (len(items) * images) * 1000
             best[name] = min(best[name], elapsed)
-    return {name: round(value, 4) for name, value in best.items()}
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    result = {name: round(value, 4) for name, value in best.items()}
+    result["kernel_ratio_pool_vs_run_shard"] = round(
+        best["pool_per_image_ms"] / best["run_shard_per_image_ms"], 3
+    )
+    return result
 
 
 # -- running one converter -----------------------------------------------------------
@@ -590,6 +616,11 @@ def print_table(result: dict) -> None:
     stages = result.get("stages")
     if stages:
         print(
+            f"one core, best of 5 rounds, ms/image: the pool's work {stages['pool_per_image_ms']}, "
+            f"alexpipe's run_shard {stages['run_shard_per_image_ms']}: "
+            f"{stages['kernel_ratio_pool_vs_run_shard']}x, the bound of alexpipe_vs_pool"
+        )
+        print(
             f"alexpipe kernel, one core, ms/image: process_image {stages['process_image_ms']} "
             f"(without the decode-back and stats {stages['process_image_no_stats_ms']}); "
             f"decode-back {stages['decode_back_ms']}; PixelStats.add "
@@ -645,7 +676,7 @@ def main() -> None:
     corpora = make_corpora(args.work, sizes, args.workers)
     result["corpus"] = describe_corpus(corpora[sizes[-1]])
     if not args.no_stages:
-        result["stages"] = kernel_stages(corpora[sizes[-1]])
+        result["stages"] = kernel_stages(corpora[sizes[-1]], args.work)
     plain_path = plain_pillow(args.work) if "plain" in rows and args.plain_pil == "plain" else None
     if "plain" in rows:
         result["plain_pil"] = pil_name(dict(os.environ, PYTHONPATH=plain_path or ""))
