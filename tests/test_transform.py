@@ -269,3 +269,16 @@ def test_draft_rule_keeps_the_shorter_side_at_least_the_target(size, drafted):
     with Image.open(io.BytesIO(encode(Image.new("RGB", size, RED)))) as image:
         image.draft("RGB", (256, 256))
         assert image.size == drafted
+
+
+def test_stored_pixels_are_what_pillow_decodes_on_real_photographs(tmp_path):
+    from alexpipe.sample.photos import write_photo_folder
+
+    folder = write_photo_folder(tmp_path, num_classes=10, train_per_class=2, val_per_class=0)
+    paths = sorted((folder.root / "train").rglob("*.JPEG"))
+    assert len(paths) == 20
+    for path in paths:
+        result = process_image(path.read_bytes())
+        with Image.open(io.BytesIO(result.jpg)) as stored:
+            assert np.array_equal(np.asarray(stored.convert("RGB")), result.pixels), path.name
+        assert result.pixels.flags.c_contiguous

@@ -146,11 +146,19 @@ def process_image(
             repairs.append("exif-transposed")
 
     jpg = _encode(output, config.quality)
-    pixels = None
-    if decode_stored:
-        with Image.open(io.BytesIO(jpg)) as stored:
-            pixels = np.asarray(stored.convert("RGB") if stored.mode != "RGB" else stored)
+    pixels = _decode_stored(jpg, config.size) if decode_stored else None
     return Processed(jpg, orig_size, orig_mode, repairs, pixels)
+
+
+def _decode_stored(jpg: bytes, size: int) -> np.ndarray:
+    """The stored JPEG's RGB pixels (size×size×3, C-contiguous), as a loader decodes them.
+
+    Straight to Pillow's JPEG decoder: we wrote this JPEG (size×size, RGB),
+    so ``Image.open``'s header parsing in Python, a tenth of the instructions
+    of decoding it back that way, has nothing to find out. Same decoder, same
+    settings, so the same pixels (tests/test_transform.py compares them).
+    """
+    return np.asarray(Image.frombytes("RGB", (size, size), jpg, "jpeg", "RGB", ""))
 
 
 def _open(data: bytes, max_pixels: int):
