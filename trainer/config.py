@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from pipeline.load.interface import OnBadSample
 from shards.errors import UserError
 from shards.sizes import parse_size
 
@@ -13,6 +14,7 @@ BACKENDS = ("dali", "torch")
 PARALLEL_MODES = ("ddp", "columns")
 SCHEDULES = ("plateau", "step")
 NORMALIZATIONS = ("paper", "channel")
+BAD_SAMPLE_POLICIES = tuple(policy.value for policy in OnBadSample)
 
 # Fields that must not change across --resume: they decide the shapes of the
 # saved model/optimizer/schedule state or how the saved per-rank states map
@@ -59,6 +61,7 @@ class TrainConfig:
     normalize: str = "paper"  # "paper" | "channel"
     seed: int = 0
     num_threads: int = 2  # loader threads per process
+    on_bad_sample: str = "stop"  # a sample that does not decode: "stop" | "skip" (logged)
     cache_dir: str | None = None  # remote shards: each process caches in CACHE_DIR/rank-LOCAL_RANK
     cache_size: str | None = None  # e.g. "200G", split among the processes of a node
     num_classes: int | None = None  # None: from the shards' manifest
@@ -78,10 +81,11 @@ class TrainConfig:
             "parallel": PARALLEL_MODES,
             "schedule": SCHEDULES,
             "normalize": NORMALIZATIONS,
+            "on_bad_sample": BAD_SAMPLE_POLICIES,
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
-                raise UserError(f"--{field} must be one of {', '.join(allowed)}")
+                raise UserError(f"--{field.replace('_', '-')} must be one of {', '.join(allowed)}")
         positive = ("epochs", "batch_size", "nproc", "log_every", "step_epochs")
         for field in positive:
             if getattr(self, field) < 1:

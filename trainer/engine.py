@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as functional
 from torch import nn
 
-from pipeline.load.interface import Loader, ResumableLoader
+from pipeline.load.interface import Loader, ResumableLoader, SkippingLoader
 from trainer.checkpoint import restore_rng_state
-from trainer.distributed import DistributedContext, all_reduce_sum
+from trainer.distributed import DistributedContext, all_reduce_sum, gather_objects
 from trainer.metrics import CURVES_NAME, plot_curves
 from trainer.session import TrainingSession, save_session
 
@@ -66,13 +66,47 @@ def train_step(
     return loss.detach()
 
 
+def _note_skipped(session: TrainingSession, loader, epoch: int | None = None) -> None:
+    """Keep a row for each sample ``loader`` skipped since the last call (with
+    ``--on-bad-sample skip``), at the step that stands now; ``epoch`` defaults to
+    the one being trained (rows count epochs from 1)."""
+    if not isinstance(loader, SkippingLoader):
+        return
+    step = session.position.step
+    epoch = session.position.epoch + 1 if epoch is None else epoch
+    session.skipped.extend(
+        {"epoch": epoch, "step": step, "skipped": sample.as_row()}
+        for sample in loader.take_skipped()
+    )
+
+
+def _write_skipped(session: TrainingSession, count: int | None = None) -> None:
+    """Write every rank's rows of skipped samples to metrics.jsonl (a collective under DDP).
+
+    ``count``: the number of rows over all ranks, if already summed (a
+    training row sums it with the loss, so there is no collective on the
+    way when nothing was skipped).
+    """
+    if count is None:
+        total = torch.tensor([float(len(session.skipped))], device=session.device)
+        count = int(all_reduce_sum(total, session.context).item())
+    if count:
+        rows = [row for rows in gather_objects(session.skipped, session.context) for row in rows]
+        if session.metrics is not None:
+            for row in sorted(rows, key=lambda row: row["step"]):
+                session.metrics.append(row)
+    session.skipped.clear()
+
+
 def _log_training_row(session: TrainingSession, progress) -> None:
     """Write the metrics row of the steps since the last one (a collective under DDP)."""
     context, window = session.context, session.window
     loss_sum = torch.as_tensor(window.loss_sum, dtype=torch.float64, device=session.device)
     steps = torch.tensor(float(window.steps), dtype=torch.float64, device=session.device)
-    totals = torch.stack([loss_sum, steps])
+    skipped = torch.tensor(float(len(session.skipped)), dtype=torch.float64, device=session.device)
+    totals = torch.stack([loss_sum, steps, skipped])
     all_reduce_sum(totals, context)  # mean over every rank's steps
+    _write_skipped(session, count=int(totals[2].item()))
     loss = (totals[0] / totals[1]).item()
     elapsed = max(time.perf_counter() - window.started, 1e-9)
     row = {
@@ -140,6 +174,7 @@ def train_one_epoch(session: TrainingSession) -> bool:
             loss = train_step(session.model, session.optimizer, images, labels, config.bf16)
             position.step += 1
             position.batch_in_epoch += 1
+            _note_skipped(session, session.train_loader)
             session.window.add(loss, images.shape[0], wait_seconds)
             last_batch = position.batch_in_epoch == session.steps_per_epoch
             if position.step % config.log_every == 0 or last_batch:
@@ -149,10 +184,12 @@ def train_one_epoch(session: TrainingSession) -> bool:
             if last_batch:
                 break
             if config.max_steps is not None and position.step >= config.max_steps:
+                _write_skipped(session)
                 save_session(session)
                 stopped = True
                 break
             if config.checkpoint_every and position.step % config.checkpoint_every == 0:
+                _write_skipped(session)
                 save_session(session)
                 session.window.restart_timer()
     finally:
@@ -235,6 +272,8 @@ def fit(session: TrainingSession) -> None:
                 config.bf16,
                 config.channels_last,
             )
+            _note_skipped(session, session.val_loader, epoch=position.epoch)
+            _write_skipped(session)
         if results is not None and session.metrics is not None:
             session.metrics.append(
                 {

@@ -91,6 +91,7 @@ class TrainingSession:
     window: LossWindow = field(default_factory=LossWindow)
     pending_rng: dict | None = None  # restored once a resumed mid-epoch iteration runs
     skip_batches: int = 0  # for loaders without load_state_dict: batches to drop on resume
+    skipped: list[dict] = field(default_factory=list)  # bad samples' rows, not yet written
 
     @property
     def device(self) -> torch.device:

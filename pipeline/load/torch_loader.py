@@ -7,6 +7,11 @@ per-sample draws, so the two backends differ only by their JPEG decoders.
 ``num_threads`` becomes the number of DataLoader worker processes (0: decode
 in the calling process).
 
+A sample PIL cannot decode does not fail its batch in the worker: it comes
+back in its place as a :class:`BadSample`, the batch is collated without it
+(:func:`collate_decoded`), and the loader's policy decides, in the main
+process, whether the run stops or goes on without it.
+
 Remote shards: this backend could stream tars directly, but it reads the
 same staged, verified cache files as DALI (``pipeline.load.staging``), so both
 backends see the same bytes. The cache lives in the main process (it is
@@ -18,13 +23,15 @@ comes back, so workers only read files that are staged and held.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipeline.load.augment import AugmentSpec, train_reference, val_reference
+from pipeline.load.bad_samples import BadSample
 from pipeline.load.base import EpochLoader, LoaderConfig
 from pipeline.load.epochs import EpochPlan
 from pipeline.load.samples import SampleReader
@@ -39,6 +46,11 @@ def decode_rgb(jpeg: np.ndarray | bytes) -> np.ndarray:
     """JPEG bytes -> uint8 H×W×3 RGB with PIL."""
     with Image.open(io.BytesIO(bytes(jpeg))) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def decode_failure(error: Exception) -> str:
+    """PIL's words for a JPEG it cannot decode, without the repr of our in-memory file."""
+    return f"PIL: {re.sub(r' <[^>]*>', '', str(error)) or type(error).__name__}"
 
 
 class ReferenceSamples(Dataset):
@@ -57,14 +69,28 @@ class ReferenceSamples(Dataset):
         return self.reader.table.num_samples
 
     def __getitem__(self, work):
+        position = work[0] if isinstance(work, tuple) else work
+        jpeg, label, index = self.reader.read(position)
+        try:
+            pixels = decode_rgb(jpeg)
+        except Exception as error:  # PIL raises many types for bad data
+            return self.reader.describe(position, decode_failure(error))
         if isinstance(work, tuple):
-            position, offset_x, offset_y, flip, alpha = work
-            jpeg, label, index = self.reader.read(position)
-            image = train_reference(decode_rgb(jpeg), offset_x, offset_y, flip, alpha, self.spec)
+            _, offset_x, offset_y, flip, alpha = work
+            image = train_reference(pixels, offset_x, offset_y, flip, alpha, self.spec)
         else:
-            jpeg, label, index = self.reader.read(work)
-            image = val_reference(decode_rgb(jpeg), self.spec, self.ten_crop)
+            image = val_reference(pixels, self.spec, self.ten_crop)
         return torch.from_numpy(image), label, index
+
+
+def collate_decoded(samples: list) -> tuple:
+    """``(images, labels, indices, bad samples)`` of a batch: the samples that decoded,
+    collated as torch does, and the :class:`BadSample` of each one that did not."""
+    bad = [sample for sample in samples if isinstance(sample, BadSample)]
+    if not bad:
+        return (*default_collate(samples), bad)
+    decoded = [sample for sample in samples if not isinstance(sample, BadSample)]
+    return (*default_collate(decoded), bad) if decoded else (None, None, None, bad)
 
 
 def batch_work(plan: EpochPlan, number: int, draws) -> list:
@@ -115,8 +141,8 @@ class LeasedBatches:
 class TorchLoader(EpochLoader):
     """The loader on torch.utils.data.DataLoader + PIL."""
 
-    def __init__(self, table, spec, config, draw, staged=None):
-        super().__init__(table, spec, config, draw, staged)
+    def __init__(self, table, spec, config, draw, staged=None, **options):
+        super().__init__(table, spec, config, draw, staged, **options)
         self._dataset = ReferenceSamples(self.reader(), spec, config.ten_crop)
 
     @staticmethod
@@ -141,8 +167,11 @@ class TorchLoader(EpochLoader):
             num_workers=workers,
             prefetch_factor=PREFETCH_FACTOR if workers else None,
             pin_memory=self.torch_device.type == "cuda",
+            collate_fn=collate_decoded,
         )
-        for number, batch in enumerate(batches, start=sampler.first_batch):
+        for number, (*batch, bad) in enumerate(batches, start=sampler.first_batch):
             sampler.leases.after_batch(number)
+            if bad:
+                self.bad_batch(number, bad, left=0 if batch[0] is None else len(batch[1]))
             # From pinned memory, asynchronous: no wait for the GPU inside next(loader).
             yield tuple(part.to(self.torch_device, non_blocking=True) for part in batch)
