@@ -38,6 +38,7 @@ test: install lint
 bench: install
 	$(BIN)/python tools/bench_build.py
 	$(BIN)/python tools/bench_loader.py
+	$(BIN)/python tools/bench_verify.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

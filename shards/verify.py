@@ -295,10 +295,12 @@ def _reports(tasks: list[tuple[Path, ShardInfo, ShardCheck]], workers: int) -> I
     """``verify_shard`` of every task, in task order, on ``workers`` processes.
 
     Processes, not threads: sha256 releases the GIL, but the header and
-    sample checks hold it, and they cost as much as the hash (a 1,000-sample
-    shard: ~20 ms each on the dev machine), so threads top out near one
-    core's worth of checks. Spawned, not forked: a fork would copy the
-    caller's threads' locks (tqdm's monitor, Ray's after a repair).
+    sample checks hold it, and they cost about as much CPU as the hash (a
+    1,000-sample shard: ~20 ms of each on the dev machine), so threads top
+    out near one core's worth of checks. The processes are forked from a
+    fork server that imported the checker once (a spawned process costs
+    ~0.3 CPU-seconds to start here; forking the caller would copy its
+    threads' locks: tqdm's monitor, Ray's after a repair).
     """
     if workers <= 1 or len(tasks) <= 1:
         yield from map(_verify_task, tasks)
@@ -306,10 +308,10 @@ def _reports(tasks: list[tuple[Path, ShardInfo, ShardCheck]], workers: int) -> I
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["shards.verify", "numpy"])
     pool = ProcessPoolExecutor(
-        min(workers, len(tasks)),
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_ignore_interrupts,
+        min(workers, len(tasks)), mp_context=context, initializer=_ignore_interrupts
     )
     try:
         yield from pool.map(_verify_task, tasks)

@@ -141,7 +141,7 @@ def _plans(build: BuildConfig, manifest: dict, shards_dir: Path, intact_keys: di
             first = next((i for i, (a, b) in pairs if a != b), min(len(held), len(keys)))
             raise UserError(
                 f"{source} plans other samples for {tar} than {shards_dir} holds "
-                f"({keys[first : first + 1]} where it holds {held[first : first + 1]}); "
+                f"({_key_at(keys, first)} where it holds {_key_at(held, first)}); "
                 "give the --src it was built from"
             )
         by_tar[tar] = plan
@@ -149,6 +149,10 @@ def _plans(build: BuildConfig, manifest: dict, shards_dir: Path, intact_keys: di
     if missing:
         raise UserError(f"{source} gives fewer shards than {shards_dir} holds (no {missing[0]})")
     return by_tar
+
+
+def _key_at(keys: list[str], position: int) -> str:
+    return keys[position] if position < len(keys) else "no more keys"
 
 
 def _rejected_sources(shards_dir: Path) -> set[tuple[str, str]]:
