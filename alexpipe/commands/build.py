@@ -169,18 +169,18 @@ def verify(directory, decode, repair, src, workers, no_progress):
         )
     manifest = load_manifest(directory)
     report = _checked(directory, manifest, decode, workers, not no_progress)
-    if report.problems and repair:
+    for problem in report.problems:
+        click.echo(f"FAIL {problem}", err=True)
+    if report.failing_shards and repair:
         from pipeline.build.repair import RepairConfig, repair_shards
 
-        for problem in report.problems:
-            click.echo(f"FAIL {problem}", err=True)
         config = RepairConfig(shards_dir=directory, src=src, workers=workers)
         for name in repair_shards(config, report):
             click.echo(f"rebuilt {name}")
         report = _checked(directory, manifest, decode, workers, not no_progress)
-    if report.problems:
         for problem in report.problems:
             click.echo(f"FAIL {problem}", err=True)
+    if report.problems:
         hint = ""
         if report.failing_shards and not repair:
             hint = (

@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.build.config import BuildConfig
-from pipeline.build.job import validate
+from pipeline.build.job import output_error, validate
 from pipeline.build.plan import ShardPlan, plan_build
 from pipeline.build.ray_runtime import ray_session
 from pipeline.build.scheduler import run_shards
 from pipeline.build.shard_task import work_dir
 from shards.atomic import fsync_directory
 from shards.errors import UserError
-from shards.manifest import REJECTED_NAME, index_name, load_manifest
+from shards.manifest import REJECTED_NAME, index_name, load_manifest, shard_name
 from shards.verify import DirectoryReport
 
 STAGING_NAME = "_repair"
@@ -73,7 +73,13 @@ def repair_shards(config: RepairConfig, report: DirectoryReport) -> list[str]:
     shutil.rmtree(staging, ignore_errors=True)
     work_dir(staging).mkdir(parents=True)
     try:
-        records = _run(chosen, build, staging, config)
+        try:
+            records = _run(chosen, build, staging, config)
+        except OSError as error:  # a full or read-only disk: one line, as in a build
+            problem = output_error(error, shards_dir)
+            if problem is None:
+                raise
+            raise problem from error
         recorded = _recorded_shards(manifest)
         for plan in chosen:
             _require_identical(records[plan.name]["shard"], recorded[_tar(plan)], config.src)
@@ -88,7 +94,7 @@ def repair_shards(config: RepairConfig, report: DirectoryReport) -> list[str]:
 
 
 def _tar(plan: ShardPlan) -> str:
-    return f"{plan.name}.tar"
+    return shard_name(plan.split, plan.shard_index)
 
 
 def _build_config(manifest: dict, config: RepairConfig) -> BuildConfig:
