@@ -89,17 +89,30 @@ def hash_pass(files: list[Path]) -> float:
     return time.perf_counter() - started
 
 
-def verify_pass(directory: Path, workers: int | None) -> float:
-    """Seconds for one ``verify_shards`` of the whole directory; it must find it intact."""
+def verify_pass(directory: Path, workers: int | None, clock=time.perf_counter) -> float:
+    """Seconds (of ``clock``) for one ``verify_shards`` of the whole directory, which
+    must find it intact."""
     from shards.verify import verify_shards
 
     options = {} if workers is None else {"workers": workers}
-    started = time.perf_counter()
+    started = clock()
     problems = verify_shards(directory, **options)
-    elapsed = time.perf_counter() - started
+    elapsed = clock() - started
     if problems:
         raise SystemExit(f"verify found problems in the benchmark set: {problems[:3]}")
     return elapsed
+
+
+def cpu_cost(directory: Path, files: list[Path]) -> float:
+    """CPU-seconds of verify in this one process over those of hashlib, same bytes.
+
+    Unlike the rates, this hardly moves with what else the machine runs: on N
+    idle cores, verify's rate is about N / cost times hashlib's.
+    """
+    started = time.process_time()
+    hash_pass(files)
+    hash_cpu = time.process_time() - started
+    return verify_pass(directory, 1, time.process_time) / hash_cpu
 
 
 def main() -> None:
@@ -121,6 +134,7 @@ def main() -> None:
     for _ in range(args.repeats):
         hash_seconds.append(hash_pass(files))
         verify_seconds.append(verify_pass(directory, args.workers))
+    cost = cpu_cost(directory, files)
     hash_rate = total_bytes / min(hash_seconds)
     verify_rate = total_bytes / min(verify_seconds)
     result = {
@@ -131,6 +145,8 @@ def main() -> None:
         "hashlib_mb_per_s": round(hash_rate / 1e6, 1),
         "verify_mb_per_s": round(verify_rate / 1e6, 1),
         "verify_vs_hashlib": round(verify_rate / hash_rate, 2),
+        "verify_cpu_per_hashlib_cpu": round(cost, 2),
+        "load_average": round(os.getloadavg()[0], 1),
         "hashlib_seconds": [round(s, 3) for s in hash_seconds],
         "verify_seconds": [round(s, 3) for s in verify_seconds],
     }
@@ -144,6 +160,10 @@ def main() -> None:
     print(f"hashlib.sha256, one pass, 1 thread: {result['hashlib_mb_per_s']:8.1f} MB/s")
     print(f"alexpipe verify:                    {result['verify_mb_per_s']:8.1f} MB/s")
     print(f"ratio: {result['verify_vs_hashlib']}x (target >= 0.5x)")
+    print(
+        f"CPU per byte, verify in one process / hashlib: {cost:.2f} "
+        f"(load average {result['load_average']})"
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ from pipeline.build.scheduler import run_shards
 from pipeline.build.shard_task import work_dir
 from shards.atomic import fsync_directory
 from shards.errors import UserError
-from shards.manifest import REJECTED_NAME, index_name, load_manifest, shard_name
+from shards.manifest import REJECTED_NAME, index_name, load_manifest, shard_infos, shard_name
 from shards.verify import DirectoryReport
+from shards.writer import ShardInfo
 
 STAGING_NAME = "_repair"
 
@@ -113,9 +114,10 @@ def _build_config(manifest: dict, config: RepairConfig) -> BuildConfig:
         ) from None
 
 
-def _recorded_shards(manifest: dict) -> dict[str, dict]:
+def _recorded_shards(manifest: dict) -> dict[str, ShardInfo]:
+    """Every shard the manifest records, by tar name."""
     return {
-        entry["file"]: entry for split in manifest["splits"].values() for entry in split["shards"]
+        info.file: info for split in manifest["splits"] for info in shard_infos(manifest, split)
     }
 
 
@@ -185,15 +187,16 @@ def _run(plans: list[ShardPlan], build: BuildConfig, staging: Path, config) -> d
     return records
 
 
-def _require_identical(rebuilt: dict | None, recorded: dict, src: Path) -> None:
-    if rebuilt == recorded:
+def _require_identical(rebuilt: dict | None, recorded: ShardInfo, src: Path) -> None:
+    """``rebuilt``: the shard task's record of the shard (None: every input rejected)."""
+    if rebuilt is not None and ShardInfo(**rebuilt) == recorded:
         return
     if rebuilt is None:
         found = "no shard (every input rejected)"
     else:
         found = f"{rebuilt['bytes']} bytes, sha256 {rebuilt['sha256'][:8]}…"
     raise UserError(
-        f"--src {src} makes {recorded['file']} as {found}, not as the manifest recorded it "
-        f"({recorded['bytes']} bytes, sha256 {recorded['sha256'][:8]}…): other input bytes, "
+        f"--src {src} makes {recorded.file} as {found}, not as the manifest recorded it "
+        f"({recorded.bytes} bytes, sha256 {recorded.sha256[:8]}…): other input bytes, "
         "or another Pillow/libjpeg than the build had; nothing was changed"
     )
