@@ -46,6 +46,7 @@ bench: install
 		echo "FFCV not installed (bench-out/install_ffcv.log); its row is skipped" >&2
 	$(BIN)/python tools/bench_build.py
 	$(BIN)/python tools/bench_loader.py
+	$(BIN)/python tools/bench_verify.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
