@@ -15,7 +15,7 @@ from test_train import NUM_CLASSES, SyntheticData, small_config, train_losses
 from shards.errors import UserError
 from shards.manifest import MEAN_NAME
 from trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from trainer.distributed import barrier, run_distributed
+from trainer.distributed import run_distributed
 from trainer.model import AlexNet
 from trainer.run import train
 
@@ -98,7 +98,7 @@ def test_torchrun_two_nodes_on_loopback(tmp_path):
 def _refuse_on_rank_one(context):
     if context.rank == 1:
         raise UserError("rank 1 refuses")
-    barrier(context)  # rank 0 waits for a peer that is gone
+    torch.distributed.barrier()  # rank 0 waits for a peer that is gone
 
 
 def test_a_user_error_in_one_process_is_raised_by_the_parent():
