@@ -118,6 +118,24 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_any_process_start
         train(small_config(tmp_path / "torchrun"), make_loaders=SyntheticData())
 
 
+def test_columns_under_a_multi_process_torchrun_are_refused_in_one_line(tmp_path, monkeypatch):
+    """Every process would place its two columns on cuda:0 and cuda:1 (and DDP fail)."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="^--parallel columns runs in one process") as refusal:
+        train(small_config(tmp_path / "run", parallel="columns"), make_loaders=SyntheticData())
+    assert "\n" not in str(refusal.value) and "torchrun" in str(refusal.value)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+    # One process under torchrun is fine for columns.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_loopback_port()))
+    config = small_config(tmp_path / "one", parallel="columns", max_steps=1)
+    train(config, make_loaders=SyntheticData())
+    assert load_checkpoint(tmp_path / "one" / CHECKPOINT_NAME)["step"] == 1
+
+
 def _alexpipe(*args: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(

@@ -165,6 +165,13 @@ def prepare_run(config: TrainConfig) -> TrainConfig:
     """Check the run directory (and that a ``--resume`` can continue its checkpoint),
     and fill in what the shards and the batch decide (num_classes, lr)."""
     config = config.resolved()
+    if config.parallel == "columns" and world_size_of(config.nproc) > 1:
+        # Each process would put its two columns on cuda:0 and cuda:1, the same
+        # devices as every other process of the node, and DDP then fails.
+        raise UserError(
+            "--parallel columns runs in one process (it uses two devices itself); "
+            f"this run has {world_size_of(config.nproc)} (torchrun): use --parallel ddp"
+        )
     out_dir = Path(config.out_dir)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if config.resume and not checkpoint_path.is_file():
@@ -184,13 +191,6 @@ def prepare_run(config: TrainConfig) -> TrainConfig:
     remove_temporaries(out_dir)  # a checkpoint half-written by a killed run
     # The global batch must divide over the processes: one line, before any starts.
     per_process_batch_size(config.batch_size, world_size_of(config.nproc))
-    if config.parallel == "columns" and world_size_of(config.nproc) > 1:
-        # Each process would put its two columns on cuda:0 and cuda:1, the same
-        # devices as every other process of the node, and DDP then fails.
-        raise UserError(
-            "--parallel columns runs in one process (it uses two devices itself); "
-            f"this run has {world_size_of(config.nproc)} (torchrun): use --parallel ddp"
-        )
     return config
 
 
