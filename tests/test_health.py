@@ -30,8 +30,17 @@ def _network(kind: str = "single") -> torch.nn.Module:
     return AlexNet(NUM_CLASSES, width=1 / 16)
 
 
-def _step(network, guard: DivergenceGuard, step: int, images: int = 4, loss: float | None = None):
+def _step(
+    network,
+    guard: DivergenceGuard,
+    step: int,
+    images: int = 4,
+    loss: float | None = None,
+    armed: bool = True,
+):
     """One forward pass in training mode, then what the trainer hands the guard."""
+    if armed:
+        guard.arm()
     network.train()
     with torch.no_grad():
         logits = network(torch.randn(images, 3, 224, 224) * 50)
@@ -75,16 +84,20 @@ def test_constant_logits_are_a_dead_network():
     assert "logits were the same for every image" in guard.problem(SINGLE)
 
 
-def test_batches_of_one_and_evaluation_are_not_judged():
+def test_batches_of_one_unarmed_steps_and_evaluation_are_not_judged():
     network = _network()
     torch.nn.init.zeros_(network.fc8.weight)
     guard = DivergenceGuard(network, NUM_CLASSES, "cpu")
     _step(network, guard, 1, images=1)  # one image: its logits are trivially "constant"
+    _step(network, guard, 2, armed=False)  # the trainer arms only the steps before a check
+    guard.arm()
     network.eval()
     with torch.no_grad():
         network(torch.randn(4, 3, 224, 224))
-    guard.observe(2, torch.tensor(1.0))
+    guard.observe(3, torch.tensor(1.0))
     assert guard.problem(SINGLE) is None
+    _step(network, guard, 4)  # armed, training, 4 images: seen
+    assert "logits were the same" in guard.problem(SINGLE)
 
 
 def test_loss_signs():

@@ -35,8 +35,8 @@ def default_lr(batch_size: int) -> float:
     each rate for a global batch (AlexNet: 0.01 at 8 GPUs × 32) and say that
     with another batch "the learning rate should be scaled accordingly".
     0.0025 at batch 32, 0.08 at 1024. Full-width AlexNet at batch 32 with the
-    batch-128 rate (4× the per-sample rate) does not learn (README,
-    "Training").
+    batch-128 rate (4× the per-sample rate) does not learn (README, "Real
+    use").
     """
     return PAPER_LR * batch_size / PAPER_BATCH_SIZE
 

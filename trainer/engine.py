@@ -143,6 +143,17 @@ def _epoch_batches(session: TrainingSession) -> Iterable:
     return loader
 
 
+def _judged_after(session: TrainingSession, step: int) -> bool:
+    """Whether the divergence checks run after ``step`` (a row or a checkpoint follows)."""
+    config, position = session.config, session.position
+    return (
+        step % config.log_every == 0
+        or position.batch_in_epoch + 1 == session.steps_per_epoch
+        or (config.max_steps is not None and step >= config.max_steps)
+        or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
+    )
+
+
 def train_one_epoch(session: TrainingSession) -> bool:
     """Train on the rest of the current epoch; True if ``max_steps`` stopped it early.
 
@@ -175,6 +186,8 @@ def train_one_epoch(session: TrainingSession) -> bool:
                 restore_rng_state(session.pending_rng)
                 session.pending_rng = None
             images, labels = to_device(images, labels, session.device, config.channels_last)
+            if session.guard is not None and _judged_after(session, position.step + 1):
+                session.guard.arm()  # measure this step's activations for the check after it
             loss = train_step(session.model, session.optimizer, images, labels, config.bf16)
             position.step += 1
             if session.guard is not None:
