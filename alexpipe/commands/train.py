@@ -23,7 +23,12 @@ CACHE_SIZE_HELP = "Size limit of that cache, e.g. 50G (default: twice the minimu
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Run directory.")
 @click.option("--epochs", default=90, show_default=True)
 @click.option("--batch-size", default=128, show_default=True, help="Global batch size.")
-@click.option("--lr", default=0.01, show_default=True)
+@click.option(
+    "--lr",
+    type=float,
+    help="Learning rate. Default: the paper's per-sample rate, 0.01 x global batch / 128 "
+    "(0.0025 at 32, 0.08 at 1024); the value used is in RUN/config.json.",
+)
 @click.option("--device", type=click.Choice(DEVICES), help="Default: cuda if available.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="dali", show_default=True)
 @click.option("--parallel", type=click.Choice(["ddp", "columns"]), default="ddp", show_default=True)
