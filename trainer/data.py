@@ -1,4 +1,4 @@
-"""The one place the trainer gets its data: :mod:`pipeline.load.loader` (SPEC §6).
+"""The one place the trainer gets its data: :mod:`pipeline.load.loader` (README, "Real use").
 
 The training loop itself accepts any iterable of ``(images, labels)``
 batches with a ``len()``; these functions build the real ones. The train

@@ -142,7 +142,7 @@ class PixelStats:
     __hash__ = None  # mutable
 
     def finalize(self) -> tuple[dict, np.ndarray]:
-        """``stats.json``'s contents (SPEC §4) and the float32 mean image (0..255).
+        """``stats.json``'s contents (docs/format.md) and the float32 mean image (0..255).
 
         The covariance is the population covariance of all pixels' RGB
         vectors, computed from the integer sums with exact integer arithmetic
