@@ -22,6 +22,7 @@ comes back, so workers only read files that are staged and held.
 
 from __future__ import annotations
 
+import gc
 import io
 import re
 
@@ -161,6 +162,10 @@ class TorchLoader(EpochLoader):
 
     def _load(self, sampler: LeasedBatches):
         workers = min(self.config.num_threads, len(sampler))
+        if workers:
+            # A DALI pipeline left in a reference cycle is collected here, not in a forked
+            # worker, where its shutdown would wait forever for threads only this process has.
+            gc.collect()
         batches = DataLoader(
             self._dataset,
             batch_sampler=sampler,
