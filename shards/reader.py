@@ -50,10 +50,14 @@ def unsafe_member_reason(member: tarfile.TarInfo) -> str | None:
         return "is a directory"
     if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
         return f"has unsupported type {member.type!r}"
-    path = PurePosixPath(member.name)
-    if not member.name or path.is_absolute() or ".." in path.parts or "\\" in member.name:
+    if unsafe_name(member.name):
         return "has an unsafe path"
     return None
+
+
+def unsafe_name(name: str) -> bool:
+    """True if a member name is empty, absolute, climbs out with ``..`` or has a backslash."""
+    return not name or name.startswith("/") or "\\" in name or ".." in name.split("/")
 
 
 def _checked_members(archive: tarfile.TarFile, label: str, file_size: int) -> Iterator:

@@ -173,7 +173,7 @@ def write_shard(tar_path: Path, samples: Iterable[ShardSample]) -> ShardInfo:
 
 
 def shard_info_dict(info: ShardInfo) -> dict[str, Any]:
-    """The manifest entry for a shard (SPEC §4: file, num_samples, bytes, sha256)."""
+    """The manifest entry for a shard (docs/format.md: file, num_samples, bytes, sha256)."""
     return {
         "file": info.file,
         "num_samples": info.num_samples,

@@ -15,7 +15,7 @@ from test_train import NUM_CLASSES, SyntheticData, small_config, train_losses
 from shards.errors import UserError
 from shards.manifest import MEAN_NAME
 from trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from trainer.distributed import barrier, run_distributed
+from trainer.distributed import run_distributed
 from trainer.model import AlexNet
 from trainer.run import train
 
@@ -98,7 +98,7 @@ def test_torchrun_two_nodes_on_loopback(tmp_path):
 def _refuse_on_rank_one(context):
     if context.rank == 1:
         raise UserError("rank 1 refuses")
-    barrier(context)  # rank 0 waits for a peer that is gone
+    torch.distributed.barrier()  # rank 0 waits for a peer that is gone
 
 
 def test_a_user_error_in_one_process_is_raised_by_the_parent():
@@ -116,6 +116,24 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_any_process_start
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(UserError, match="divide evenly over 3 processes"):
         train(small_config(tmp_path / "torchrun"), make_loaders=SyntheticData())
+
+
+def test_columns_under_a_multi_process_torchrun_are_refused_in_one_line(tmp_path, monkeypatch):
+    """Every process would place its two columns on cuda:0 and cuda:1 (and DDP fail)."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="^--parallel columns runs in one process") as refusal:
+        train(small_config(tmp_path / "run", parallel="columns"), make_loaders=SyntheticData())
+    assert "\n" not in str(refusal.value) and "torchrun" in str(refusal.value)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+    # One process under torchrun is fine for columns.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_loopback_port()))
+    config = small_config(tmp_path / "one", parallel="columns", max_steps=1)
+    train(config, make_loaders=SyntheticData())
+    assert load_checkpoint(tmp_path / "one" / CHECKPOINT_NAME)["step"] == 1
 
 
 def _alexpipe(*args: str) -> subprocess.CompletedProcess:

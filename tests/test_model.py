@@ -8,9 +8,8 @@ from trainer.columns import ColumnAlexNet, columns_to_single, single_to_columns
 from trainer.model import (
     PAPER_PARAMETER_COUNT,
     AlexNet,
-    ColumnwiseLRN,
+    LocalResponseNorm,
     count_parameters,
-    paper_lrn,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -76,19 +75,59 @@ def test_lrn_matches_the_papers_formula():
     torch.manual_seed(1)
     activations = torch.rand(2, 12, 5, 5) * 30  # post-ReLU magnitudes
     expected = paper_lrn_by_hand(activations)
-    assert torch.allclose(paper_lrn()(activations).double(), expected, rtol=1e-5, atol=1e-6)
+    actual = LocalResponseNorm()(activations)
+    assert actual.dtype == torch.float32
+    assert torch.allclose(actual.double(), expected, rtol=1e-6, atol=1e-7)
     # The normalization actually acts at these magnitudes (not a near-identity check).
     assert (activations.double() / expected).min() > 1.5
+    # torch's own LRN (α divided by n) computes the same function.
+    torch_lrn = nn.LocalResponseNorm(size=5, alpha=5e-4, beta=0.75, k=2.0)
+    assert torch.allclose(actual, torch_lrn(activations), rtol=1e-5, atol=1e-6)
 
 
 def test_columnwise_lrn_never_mixes_the_columns():
     torch.manual_seed(2)
     activations = torch.rand(2, 12, 3, 3) * 30
     expected = torch.cat([paper_lrn_by_hand(half) for half in activations.chunk(2, dim=1)], 1)
-    assert torch.allclose(ColumnwiseLRN()(activations).double(), expected, rtol=1e-5, atol=1e-6)
+    actual = LocalResponseNorm(columns=2)(activations)
+    assert torch.allclose(actual.double(), expected, rtol=1e-6, atol=1e-7)
     # Channel 5 (last of column 0) differs from a window that crosses into column 1.
     crossing = paper_lrn_by_hand(activations)
     assert not torch.allclose(expected[:, 5], crossing[:, 5])
+    # Channels-last input (--channels-last) gives the same values.
+    channels_last = LocalResponseNorm(columns=2)(
+        activations.contiguous(memory_format=torch.channels_last)
+    )
+    assert torch.equal(channels_last, actual)
+
+
+def test_lrn_under_bf16_autocast_sums_in_float32():
+    """bf16 in, bf16 out, but the window sum and the power are float32: the result is
+    the float32 LRN of the bf16 values, rounded once."""
+    torch.manual_seed(6)
+    activations = (torch.rand(2, 12, 5, 5) * 30).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = LocalResponseNorm(columns=2)(activations)
+    assert actual.dtype == torch.bfloat16
+    expected = LocalResponseNorm(columns=2)(activations.float()).bfloat16()
+    assert torch.equal(actual, expected)
+
+
+def test_lrn_runs_no_avg_pool3d_forward_or_backward():
+    """avg_pool3d (what nn.LocalResponseNorm runs) has a nondeterministic CUDA backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    network = AlexNet(num_classes=4, width=1 / 16)
+    images = torch.randn(2, 3, 224, 224, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        network(images).sum().backward()
+    operators = {event.key for event in profiler.key_averages()}
+    assert "aten::convolution" in operators  # the profile saw the network run
+    assert not [name for name in operators if "avg_pool" in name], sorted(operators)
+    # ... whereas torch's LRN would have shown up.
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        nn.LocalResponseNorm(5)(torch.rand(1, 8, 3, 3))
+    assert "aten::avg_pool3d" in {event.key for event in profiler.key_averages()}
 
 
 def test_initialization_is_the_papers(paper_network):

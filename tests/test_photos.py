@@ -44,3 +44,25 @@ def test_folder_is_deterministic_and_labelled_by_directory(tmp_path):
     assert "val/n00000003/ILSVRC2012_val_00000003.JPEG" in names
     with Image.open(tmp_path / "a/train/n00000002/n00000002_1.JPEG") as image:
         assert image.format == "JPEG" and image.mode in ("RGB", "L")
+
+
+def test_parallel_writing_gives_the_same_bytes_and_prefixes_are_folders(tmp_path):
+    from alexpipe.sample.photos import photo_path
+
+    serial = write_photo_folder(
+        tmp_path / "serial", num_classes=4, train_per_class=3, val_per_class=1
+    )
+    parallel = write_photo_folder(
+        tmp_path / "parallel", num_classes=4, train_per_class=3, val_per_class=1, workers=2
+    )
+    assert serial.total_bytes == parallel.total_bytes
+    for position in range(12):
+        one = photo_path(serial.root, "train", position, 4)
+        assert one.read_bytes() == photo_path(parallel.root, "train", position, 4).read_bytes()
+    # the first n positions of a split are what a folder of n images per class holds
+    small = write_photo_folder(
+        tmp_path / "small", num_classes=4, train_per_class=2, val_per_class=0
+    )
+    for position in range(8):
+        path = photo_path(small.root, "train", position, 4)
+        assert path.read_bytes() == photo_path(serial.root, "train", position, 4).read_bytes()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.build.stats import PixelStats, mean_png_bytes
+from pipeline.build.stats import MAX_UINT32_IMAGES, PixelStats, mean_png_bytes
 from shards.atomic import atomic_file
 
 SIZE = 16
@@ -117,3 +117,78 @@ def test_full_size_images_and_mean_png():
         assert png.mode == "RGB" and png.size == (256, 256)
         decoded = np.asarray(png).astype(np.float64)
     assert np.abs(decoded - mean_image).max() <= 0.5
+
+
+def reference_sums(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Outer-product and per-pixel sums computed independently, in int64."""
+    pixels = np.concatenate([image.reshape(-1, 3) for image in images]).astype(np.int64)
+    return pixels.T @ pixels, np.sum([image.astype(np.int64) for image in images], axis=0)
+
+
+def extreme_images(size: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(11)
+    checkerboard = (np.indices((size, size)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    return [
+        np.zeros((size, size, 3), np.uint8),
+        np.full((size, size, 3), 255, np.uint8),
+        np.repeat(checkerboard[:, :, None], 3, axis=2),
+        np.stack([checkerboard, 255 - checkerboard, checkerboard], axis=2),
+        rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+        rng.integers(250, 256, (size, size, 3), dtype=np.uint8),
+    ]
+
+
+@pytest.mark.parametrize("size", [256, 37, 300])
+def test_sums_equal_an_int64_reference_on_extreme_and_random_images(size):
+    images = extreme_images(size) * 3
+    stats = stats_of(images, size)
+    outer, per_pixel = reference_sums(images)
+    assert stats.outer_sum.dtype == np.int64 and np.array_equal(stats.outer_sum, outer)
+    assert stats.pixel_sum.dtype == np.int64 and np.array_equal(stats.pixel_sum, per_pixel)
+    assert np.array_equal(stats.channel_sum, per_pixel.sum(axis=(0, 1)))
+    assert stats.num_images == len(images) and stats.num_pixels == len(images) * size * size
+
+
+def test_any_memory_layout_gives_the_same_sums():
+    images = random_images(4, size=64, seed=5)
+    planar = [np.moveaxis(np.ascontiguousarray(np.moveaxis(x, -1, 0)), 0, -1) for x in images]
+    padded = [np.concatenate([x, np.zeros_like(x[..., :1])], axis=2)[..., :3] for x in images]
+    flipped = [np.ascontiguousarray(x[::-1])[::-1] for x in images]
+    reference = stats_of(images, 64)
+    for variant in (planar, padded, flipped):
+        assert not variant[0].flags.c_contiguous
+        assert stats_of(variant, 64) == reference
+
+
+def test_a_shards_pixel_sums_are_uint32_until_they_could_overflow():
+    # 255 per image: uint32 holds exactly MAX_UINT32_IMAGES of them (2**32 - 1 = 255 * 16843009)
+    assert MAX_UINT32_IMAGES == 16_843_009 and 255 * MAX_UINT32_IMAGES == 2**32 - 1
+    white = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    stats = PixelStats(SIZE)
+    stats.add(white)
+    assert stats._pixel_sums.dtype == np.uint32
+    # as if MAX_UINT32_IMAGES - 1 white images had been added already
+    stats.num_images = MAX_UINT32_IMAGES - 1
+    stats._pixel_sums[:] = 255 * (MAX_UINT32_IMAGES - 1)
+    stats.add(white)  # the last image uint32 holds
+    assert stats._pixel_sums.dtype == np.uint32
+    assert np.all(stats.pixel_sum == 2**32 - 1)
+    stats.add(white)  # one more: widened first, nothing wraps
+    assert stats._pixel_sums.dtype == np.uint64
+    assert np.all(stats.pixel_sum == 255 * (MAX_UINT32_IMAGES + 1))
+
+
+def test_merged_sums_are_int64_and_more_images_can_be_added():
+    images = random_images(6, seed=9)
+    merged = stats_of(images[:2]).merge(stats_of(images[2:4]))
+    assert merged._pixel_sums.dtype == np.int64
+    assert merged.outer_sum.dtype == np.int64 and merged.pixel_sum.dtype == np.int64
+    for image in images[4:]:
+        merged.add(image)
+    assert merged == stats_of(images)
+    loaded = io.BytesIO()
+    stats_of(images[:3]).save(loaded)
+    resumed = PixelStats.load(loaded.getvalue())
+    for image in images[3:]:
+        resumed.add(image)
+    assert resumed == stats_of(images)

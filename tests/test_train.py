@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from shards.errors import UserError
-from trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from trainer.checkpoint import CHECKPOINT_NAME, FORMAT, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.engine import evaluate, measure_batches
 from trainer.evaluation import evaluate_checkpoint
 from trainer.metrics import read_rows
 from trainer.model import AlexNet
 from trainer.run import train
-from trainer.schedule import PlateauSchedule, StepSchedule
+from trainer.schedule import create_schedule, end_epoch
 from trainer.session import check_resumable
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -332,7 +332,7 @@ class _FailsWhilePickled:
 
 def test_checkpoint_is_replaced_atomically(tmp_path):
     path = tmp_path / CHECKPOINT_NAME
-    save_checkpoint(path, {"format": "alexpipe-checkpoint/1", "step": 1})
+    save_checkpoint(path, {"format": FORMAT, "step": 1})
 
     # Mid-write, the old checkpoint is untouched and the new bytes go to a hidden name.
     save_checkpoint(
@@ -343,7 +343,7 @@ def test_checkpoint_is_replaced_atomically(tmp_path):
     assert [name for name in seen if name != "checkpoint.pt"][0].startswith(".checkpoint.pt.tmp-")
 
     # A write that fails half-way leaves the previous checkpoint and no debris.
-    save_checkpoint(path, {"format": "alexpipe-checkpoint/1", "step": 2})
+    save_checkpoint(path, {"format": FORMAT, "step": 2})
     with pytest.raises(RuntimeError, match="disk full"):
         save_checkpoint(path, {"weights": torch.ones(10_000), "broken": _FailsWhilePickled()})
     assert load_checkpoint(path)["step"] == 2
@@ -370,6 +370,50 @@ def test_resume_refuses_a_changed_schedule_in_one_line(tmp_path):
     checkpoint = {"config": config.to_dict(), "world_size": 1}
     with pytest.raises(UserError, match="--schedule was plateau in the checkpoint, now step"):
         check_resumable(checkpoint, config.replace(schedule="step"), 1)
+
+
+def test_lr_follows_the_global_batch_unless_given(tmp_path):
+    from trainer.config import default_lr
+
+    assert default_lr(128) == 0.01 and default_lr(32) == 0.0025 and default_lr(1024) == 0.08
+    # The default is resolved for the global batch and recorded in config.json ...
+    run_dir = tmp_path / "default"
+    resolved = train(small_config(run_dir, lr=None, max_steps=1), make_loaders=SyntheticData())
+    assert resolved.lr == 0.01 * 8 / 128
+    assert json.loads((run_dir / "config.json").read_text())["lr"] == 0.01 * 8 / 128
+    assert read_rows(run_dir / "metrics.jsonl")[0]["lr"] == 0.01 * 8 / 128
+    # ... and an explicit rate wins.
+    run_dir = tmp_path / "explicit"
+    train(small_config(run_dir, lr=0.003, max_steps=1), make_loaders=SyntheticData())
+    assert json.loads((run_dir / "config.json").read_text())["lr"] == 0.003
+
+
+def test_lr_help_states_the_rule():
+    from click.testing import CliRunner
+
+    from alexpipe.commands.train import train as train_command
+
+    result = CliRunner().invoke(train_command, ["--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "0.01 x global batch / 128" in " ".join(result.output.split())
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_for_resume_in_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    train(small_config(run_dir, max_steps=1), make_loaders=SyntheticData())
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    checkpoint["format"] = "alexpipe-checkpoint/1"
+    checkpoint["scheduler"] = {"kind": "plateau", "best_error": 0.5, "reductions": 0}
+    save_checkpoint(run_dir / CHECKPOINT_NAME, checkpoint)
+    with pytest.raises(UserError, match="old format alexpipe-checkpoint/1") as refusal:
+        train(small_config(run_dir, resume=True), make_loaders=SyntheticData())
+    assert "\n" not in str(refusal.value)
+    # Its weights are what they were: evaluation still reads them.
+    _, val_loader = SyntheticData()(small_config(run_dir), 0, 1)
+    results = evaluate_checkpoint(
+        "unused", run_dir / CHECKPOINT_NAME, device="cpu", loader=val_loader
+    )
+    assert results["num_images"] == 16
 
 
 def test_run_directory_rules(tmp_path):
@@ -433,31 +477,66 @@ def test_measure_batches_times_the_wait_for_data():
     assert all(0.04 <= wait < 1.0 for _, wait in timed)
 
 
-def test_plateau_schedule_divides_by_ten_at_most_three_times():
-    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.01)
-    schedule = PlateauSchedule(optimizer, 0.01, patience=2, threshold=1e-3, max_reductions=3)
-    errors = [0.9, 0.8, 0.8, 0.8005] + [0.8] * 10
+def _rates(config: TrainConfig, errors: list[float | None]) -> tuple[list[float], object]:
+    """The rate after each epoch of a schedule fed ``errors``, and the schedule."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=config.lr)
+    schedule = create_schedule(config, optimizer)
     rates = []
-    for epoch, error in enumerate(errors, start=1):
-        schedule.epoch_end(epoch, error)
+    for error in errors:
+        optimizer.step()  # (torch checks that the optimizer stepped first)
+        end_epoch(schedule, error)
         rates.append(optimizer.param_groups[0]["lr"])
+    return rates, schedule
+
+
+def test_plateau_schedule_divides_by_ten_at_most_three_times(tmp_path):
+    config = small_config(tmp_path, plateau_patience=2, plateau_threshold=1e-3)
+    errors = [0.9, 0.8, 0.8, 0.8005] + [0.8] * 10
+    rates, schedule = _rates(config, errors)
+    assert type(schedule).__name__ == "ReduceLROnPlateau"
+    # Two epochs without an improvement of 1e-3 (0.8005 is none): ÷10.
     assert rates[:4] == [0.01, 0.01, 0.01, pytest.approx(0.001)]
-    assert rates[-1] == pytest.approx(1e-5) and schedule.reductions == 3
+    assert rates[5] == pytest.approx(1e-4) and rates[7] == pytest.approx(1e-5)
+    assert rates[-1] == rates[7]  # three divisions, then never again
+    assert len(set(rates)) == 4
+    # No val split: the rate stays.
+    assert _rates(config, [None] * 10)[0] == [0.01] * 10
 
-    restored = PlateauSchedule(optimizer, 0.01, patience=2)
-    restored.load_state_dict(schedule.state_dict())
-    assert restored.lr == pytest.approx(1e-5)
+    # Its state goes into the checkpoint and comes back.
+    path = tmp_path / "schedule.pt"
+    save_checkpoint(path, {"format": FORMAT, "scheduler": schedule.state_dict()})
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=config.lr)
+    restored = create_schedule(config, optimizer)
+    restored.load_state_dict(load_checkpoint(path)["scheduler"])
+    optimizer.param_groups[0]["lr"] = rates[-1]  # (the optimizer's own state holds the rate)
+    for _ in range(5):
+        optimizer.step()
+        end_epoch(restored, 0.8)
+    assert optimizer.param_groups[0]["lr"] == rates[-1]
 
 
-def test_step_schedule():
-    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.01)
-    schedule = StepSchedule(optimizer, 0.01, step_epochs=30, max_reductions=3)
-    rates = {}
-    for epoch in range(1, 121):
-        schedule.epoch_end(epoch, None)
-        rates[epoch] = optimizer.param_groups[0]["lr"]
+@pytest.mark.parametrize("lr", [0.01, 0.0025, 3e-7, 0.08])
+def test_plateau_schedule_cap_holds_for_any_rate(tmp_path, lr):
+    """The cap is torch's min_lr; float noise in lr * 0.1**3 must neither block the
+    third division nor let a fourth through."""
+    rates, _ = _rates(small_config(tmp_path, lr=lr, plateau_patience=1), [0.5] * 8)
+    assert rates[:4] == [
+        lr,
+        pytest.approx(lr / 10),
+        pytest.approx(lr / 100),
+        pytest.approx(lr / 1000),
+    ]
+    assert rates[4:] == [rates[3]] * 4
+
+
+def test_step_schedule(tmp_path):
+    config = small_config(tmp_path, schedule="step", step_epochs=30)
+    rates, schedule = _rates(config, [None] * 120)
+    assert type(schedule).__name__ == "MultiStepLR"
+    rates = dict(enumerate(rates, start=1))  # epochs done -> rate of the next epoch
     assert rates[29] == 0.01 and rates[30] == pytest.approx(0.001)
     assert rates[60] == pytest.approx(1e-4) and rates[120] == pytest.approx(1e-5)
+    assert rates[90] == rates[120]
 
 
 # --- command line -----------------------------------------------------------------------------

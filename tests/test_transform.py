@@ -269,3 +269,102 @@ def test_draft_rule_keeps_the_shorter_side_at_least_the_target(size, drafted):
     with Image.open(io.BytesIO(encode(Image.new("RGB", size, RED)))) as image:
         image.draft("RGB", (256, 256))
         assert image.size == drafted
+
+
+def test_stored_pixels_are_what_pillow_decodes_on_real_photographs(tmp_path):
+    from alexpipe.sample.photos import write_photo_folder
+
+    folder = write_photo_folder(tmp_path, num_classes=10, train_per_class=2, val_per_class=0)
+    paths = sorted((folder.root / "train").rglob("*.JPEG"))
+    assert len(paths) == 20
+    for path in paths:
+        result = process_image(path.read_bytes())
+        with Image.open(io.BytesIO(result.jpg)) as stored:
+            assert np.array_equal(np.asarray(stored.convert("RGB")), result.pixels), path.name
+        assert result.pixels.flags.c_contiguous
+
+
+def _pillow_and_turbo(data: bytes, size: int = 256):
+    """The drafted image as Pillow decodes it, and as the TurboJPEG path does (or None)."""
+    from pipeline.build.transform import _decode_turbo
+
+    reference = Image.open(io.BytesIO(data))
+    reference.draft("RGB", (size, size))
+    turbo = Image.open(io.BytesIO(data))
+    turbo.draft("RGB", (size, size))
+    fast = _decode_turbo(data, turbo)
+    reference.load()
+    return reference, fast
+
+
+def _jpeg(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def test_turbojpeg_decodes_real_photographs_as_pillow_does(tmp_path):
+    """Same pixels at every DCT scale the draft picks, for ImageNet's size mix."""
+    from alexpipe.sample.photos import write_photo_folder
+
+    folder = write_photo_folder(tmp_path, num_classes=10, train_per_class=6, val_per_class=0)
+    scales = set()
+    for path in sorted((folder.root / "train").rglob("*.JPEG")):
+        data = path.read_bytes()
+        reference, fast = _pillow_and_turbo(data)
+        assert fast is not None, path.name
+        assert fast.mode == reference.mode and fast.size == reference.size, path.name
+        assert np.array_equal(np.asarray(fast), np.asarray(reference)), path.name
+        with Image.open(io.BytesIO(data)) as original:
+            scales.add(original.size[0] // reference.size[0])
+        assert process_image(data).jpg == process_image(data).jpg
+    assert {1, 2} <= scales
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"subsampling": 0},
+        {"subsampling": 1},
+        {"subsampling": 2, "quality": 100},
+        {"progressive": True},
+        {"optimize": True},
+        {"restart_marker_blocks": 3},
+        {"mode": "L"},
+        {"mode": "L", "progressive": True},
+    ],
+    ids=lambda options: "-".join(f"{key}={value}" for key, value in options.items()),
+)
+@pytest.mark.parametrize("size", [(517, 389), (1030, 771), (2111, 263), (257, 256), (97, 61)])
+def test_turbojpeg_decodes_every_plain_jpeg_as_pillow_does(options, size):
+    rng = np.random.default_rng(size[0])
+    smooth = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
+    picture = Image.fromarray(smooth, "RGB").resize(size, Image.Resampling.BICUBIC)
+    options = dict(options)
+    mode = options.pop("mode", "RGB")
+    data = _jpeg(picture.convert(mode), **options)
+    reference, fast = _pillow_and_turbo(data)
+    assert fast is not None
+    assert fast.mode == reference.mode == mode and fast.size == reference.size
+    assert np.array_equal(np.asarray(fast), np.asarray(reference))
+
+
+def test_pillow_decodes_what_turbojpeg_does_not():
+    """CMYK, damaged and truncated JPEGs take Pillow's path, so their repair or
+    rejection is exactly what it was."""
+    picture = Image.fromarray(np.full((300, 400, 3), 90, np.uint8), "RGB")
+    from pipeline.build.transform import _decode_turbo
+
+    def turbo(data):
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (256, 256))
+        return _decode_turbo(data, image)
+
+    assert turbo(_jpeg(picture.convert("CMYK"))) is None
+    data = _jpeg(picture, quality=90)
+    assert turbo(data[: len(data) // 2]) is None
+    assert process_image(data[: len(data) // 2]) == Rejected("truncated image")
+    damaged = bytearray(data)
+    damaged[len(data) // 2 : len(data) // 2 + 64] = b"\xff\xd9" * 32  # EOI markers inside the scan
+    reference, fast = _pillow_and_turbo(bytes(damaged))
+    assert fast is None or np.array_equal(np.asarray(fast), np.asarray(reference))

@@ -1,52 +1,66 @@
 #!/usr/bin/env python
-"""Benchmark build-shards against a plain converter and the no-Ray kernel bound.
+"""Benchmark build-shards on real photographs against the converters it competes with.
 
-All three run in this one invocation on the same corpus, so the ratios hold
-even though absolute times on shared machines are noisy:
+Every row runs on the same corpus, in this one invocation, at two dataset
+sizes, so the comparisons hold on a noisy shared machine. Each run is a fresh
+process timed from its start to its exit; from the two sizes come
 
-(a) plain: one process, the straightforward script people write — PIL open,
-    convert, resize shorter side to 256, centre crop, JPEG q90, tarfile —
-    with plain Pillow (installed into bench-out/plain-pillow on first use;
-    falls back to the active PIL with a warning);
-(b) bound: alexpipe's own shard kernel (draft decoding, Pillow-SIMD, exact
-    stats) on every core through a process pool, no Ray;
-(c) alexpipe: `build-shards` end to end (listing, Ray start, tasks, merge).
+  slope    = (n2 - n1) / (t2 - t1)   images per second at scale, and
+  start-up = t1 - n1 / slope         the fixed cost (interpreter, imports, Ray, ...).
 
-Usage: python tools/bench_build.py [--images 6000] [--workers N] [--json]
+Rows:
+  plain     one process, the script people write: PIL open, convert, resize the
+            shorter side to 256 (bicubic), centre crop, JPEG q90, tarfile; with
+            plain Pillow (installed into WORK/plain-pillow on first use);
+  pool      a bare process pool, the speed limit of this machine: Pillow-SIMD
+            decode with JPEG draft, bilinear resize of the central square,
+            JPEG q90, written to plain tars; no Ray, no statistics, no hashing;
+  ffcv      FFCV's DatasetWriter (JPEG, max_resolution 256, jpeg_quality 90), in
+            its own venv (tools/install_ffcv.sh); skipped, saying so, if absent;
+  alexpipe  `alexpipe build-shards --workers N` end to end (the CLI in a
+            subprocess): listing, Ray, decode, resize, encode, the stored JPEG
+            decoded back for the exact statistics, tar + index + sha256, merge.
+
+The corpus is alexpipe.sample.photos: scikit-image's and matplotlib's photos
+cut and scaled to ImageNet's size mix (written once to WORK/photos-N, smaller
+sizes are hard links to its first images). Also measured: the corpus (median
+size, bytes, grayscale share, decode ms/image), the per-image stages of
+alexpipe's kernel on one core, peak RSS of each run (largest process and the
+whole process tree) and where alexpipe's CPU time goes (Ray's own processes
+against the workers). A table goes to stdout, everything to WORK/bench_build.json.
+
+Usage: python tools/bench_build.py [--sizes 2000,8000] [--repeats 2] [--workers 2]
+       [--rows plain,pool,ffcv,alexpipe] [--work DIR] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# ImageNet's size mix: most Flickr images have a 500 px long side; some are
-# smaller, a minority much larger (which is where DCT-domain scaling pays).
-SIZE_MIX = [(0.62, (500, 500)), (0.18, (200, 480)), (0.20, (600, 2400))]
-ASPECTS = [4 / 3, 3 / 2, 1.0, 3 / 4, 2 / 3, 16 / 9]
+NUM_CLASSES = 10
+SHARD_SIZE = 500  # alexpipe's shards, the pool's tars and FFCV's chunks alike
+FFCV_PYTHON = ROOT / "tools" / "ffcv-venv" / "bin" / "python"
+ROWS = ("plain", "pool", "ffcv", "alexpipe")
 
 PLAIN_CONVERTER = r"""
-import io, sys, tarfile, time
+import io, sys, tarfile
 from pathlib import Path
-import PIL
 from PIL import Image
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
-files = sorted(src.rglob("*.JPEG"))
-started = time.perf_counter()
 with tarfile.open(out, "w") as archive:
-    for path in files:
+    for path in sorted(src.rglob("*.JPEG")):
         image = Image.open(path).convert("RGB")
         width, height = image.size
         scale = 256 / min(width, height)
@@ -56,189 +70,636 @@ with tarfile.open(out, "w") as archive:
         image = image.crop((left, top, left + 256, top + 256))
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=90)
-        data = buffer.getvalue()
         info = tarfile.TarInfo(path.stem + ".jpg")
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-print(len(files) / (time.perf_counter() - started), PIL.__version__)
+        info.size = buffer.tell()
+        buffer.seek(0)
+        archive.addfile(info, buffer)
+"""
+
+POOL_CONVERTER = r"""
+import io, sys, tarfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from PIL import Image
+
+def convert(path):
+    image = Image.open(path)
+    image.draft("RGB", (256, 256))  # DCT scaling: both sides stay >= 256
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    image = image.resize((256, 256), Image.BILINEAR, box=(left, top, left + side, top + side))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer
+
+def chunk(job):
+    out, paths = job
+    with tarfile.open(out, "w") as archive:
+        for path in paths:
+            buffer = convert(path)
+            info = tarfile.TarInfo(Path(path).stem + ".jpg")
+            info.size = buffer.tell()
+            buffer.seek(0)
+            archive.addfile(info, buffer)
+    return len(paths)
+
+if __name__ == "__main__":
+    src, out = Path(sys.argv[1]), Path(sys.argv[2])
+    workers, size = int(sys.argv[3]), int(sys.argv[4])
+    out.mkdir(parents=True, exist_ok=True)
+    paths = sorted(str(path) for path in src.rglob("*.JPEG"))
+    jobs = [(out / f"{i:06d}.tar", paths[i : i + size]) for i in range(0, len(paths), size)]
+    with ProcessPoolExecutor(workers) as pool:
+        assert sum(pool.map(chunk, jobs)) == len(paths)
+"""
+
+FFCV_CONVERTER = r"""
+import sys
+from pathlib import Path
+from PIL import Image
+from ffcv.fields import IntField, RGBImageField
+from ffcv.writer import DatasetWriter
+
+class ImageFolder:
+    # torchvision's ImageFolder, which cannot be installed here: (PIL image, label)
+    def __init__(self, root):
+        classes = sorted(path.name for path in root.iterdir())
+        self.samples = [
+            (path, label) for label, name in enumerate(classes)
+            for path in sorted((root / name).glob("*.JPEG"))
+        ]
+    def __len__(self):
+        return len(self.samples)
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            return image.convert("RGB"), label
+
+src, out, workers, size = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+fields = {
+    "image": RGBImageField(write_mode="jpg", max_resolution=256, jpeg_quality=90),
+    "label": IntField(),
+}
+DatasetWriter(out, fields, num_workers=workers).from_indexed_dataset(
+    ImageFolder(src), chunksize=size
+)
 """
 
 
-def make_corpus(directory: Path, num_images: int, num_classes: int = 20, seed: int = 0) -> None:
-    """An ImageNet-like folder tree (train only) of synthetic natural-looking JPEGs."""
-    from alexpipe.sample.images import ImageSpec, class_style, encode_jpeg, render_image
+# -- the corpus --------------------------------------------------------------------
 
-    marker = directory / f".complete-{num_images}"
-    if marker.exists():
-        return
-    shutil.rmtree(directory, ignore_errors=True)
-    rng = np.random.default_rng(seed)
-    for index in range(num_images):
-        label = index % num_classes
-        wnid = f"n{10000000 + label * 7919:08d}"
-        weights = [weight for weight, _ in SIZE_MIX]
-        low, high = SIZE_MIX[rng.choice(len(SIZE_MIX), p=weights)][1]
-        long_side = int(rng.integers(low, high + 1))
-        aspect = ASPECTS[rng.integers(len(ASPECTS))]
-        width, height = (
-            (long_side, round(long_side / aspect))
-            if aspect >= 1
-            else (round(long_side * aspect), long_side)
+
+def make_corpora(work: Path, sizes: list[int], workers: int) -> dict[int, Path]:
+    """WORK/photos-N for each size: the largest written once, the others hard links."""
+    from alexpipe.sample.photos import photo_path, write_photo_folder
+
+    largest = max(sizes)
+    source = work / f"photos-{largest}"
+    marker = source / ".complete"
+    if not marker.exists():
+        shutil.rmtree(source, ignore_errors=True)
+        print(f"writing {largest} photographs to {source} (once) ...", file=sys.stderr)
+        write_photo_folder(
+            source, NUM_CLASSES, largest // NUM_CLASSES, val_per_class=0, workers=workers
         )
-        spec = ImageSpec(
-            width=width,
-            height=height,
-            quality=int(rng.integers(70, 96)),
-            subsampling=2,
-            grayscale=bool(rng.random() < 0.02),
-            content_seed=int(rng.integers(2**31)),
-            style=class_style(label, num_classes, seed),
-        )
-        path = directory / "train" / wnid / f"{wnid}_{index}.JPEG"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode_jpeg(render_image(spec), spec))
-    marker.touch()
+        marker.touch()
+    corpora = {largest: source / "train"}
+    for size in sizes:
+        if size == largest:
+            continue
+        target = work / f"photos-{size}"
+        if not (target / ".complete").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            for position in range(size):
+                link = photo_path(target, "train", position, NUM_CLASSES)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.link(photo_path(source, "train", position, NUM_CLASSES), link)
+            (target / ".complete").touch()
+        corpora[size] = target / "train"
+    return corpora
 
 
-def plain_pillow_path(work: Path) -> str | None:
-    """A directory with plain Pillow to put first on PYTHONPATH (None: use active PIL)."""
+def describe_corpus(train: Path, sample: int = 400) -> dict:
+    """Median size and bytes, grayscale share and decode time (one core, this PIL)."""
+    import numpy as np
+    from PIL import Image
+
+    paths = sorted(train.rglob("*.JPEG"))
+    sizes = np.array([path.stat().st_size for path in paths])
+    pixels, gray, over_1000 = [], 0, 0
+    for path in paths:
+        with Image.open(path) as image:
+            pixels.append(image.size[0] * image.size[1])
+            gray += image.mode == "L"
+            over_1000 += max(image.size) > 1000
+    median_index = int(np.argsort(pixels)[len(pixels) // 2])
+    with Image.open(paths[median_index]) as image:
+        median_size = image.size
+    step = max(1, len(paths) // sample)
+    datas = [path.read_bytes() for path in paths[::step]]
+    timings = {}
+    for name, draft in (("decode_ms", False), ("decode_draft_ms", True)):
+        started = time.process_time()
+        for data in datas:
+            image = Image.open(io.BytesIO(data))
+            if draft:
+                image.draft("RGB", (256, 256))
+            image.load()
+        timings[name] = round((time.process_time() - started) / len(datas) * 1000, 3)
+    return {
+        "images": len(paths),
+        "median_size": f"{median_size[0]}x{median_size[1]}",
+        "median_kb": round(float(np.median(sizes)) / 1000, 1),
+        "mean_kb": round(float(np.mean(sizes)) / 1000, 1),
+        "grayscale_share": round(gray / len(paths), 4),
+        "over_1000px_share": round(over_1000 / len(paths), 4),
+        **timings,
+    }
+
+
+def kernel_stages(train: Path, work: Path, count: int = 200, rounds: int = 5) -> dict:
+    """Per-image costs on one core, ms/image of this process's CPU time.
+
+    alexpipe's stages, and the whole of one shard (``run_shard``: everything a
+    worker does per image) against the pool's per-image work on the same
+    images: the ratio of those two is the bound of the alexpipe/pool ratio,
+    free of scheduling, Ray and the other processes. Every stage runs once per
+    round and each stage's least disturbed round counts: a shared machine
+    slows some rounds.
+    """
+    import numpy as np
+
+    from pipeline.build.plan import ShardPlan, plan_build
+    from pipeline.build.shard_task import run_shard
+    from pipeline.build.sources import discover
+    from pipeline.build.stats import PixelStats
+    from pipeline.build.transform import TransformConfig, _decode_stored, process_image
+
+    items = discover(train.parent, "folder", ("train",)).items["train"]
+    plan = plan_build({"train": items}, len(items), seed=0)[0]
+    plan = ShardPlan(**{**vars(plan), "samples": plan.samples[:count]})
+    paths = [str(planned.item.location) for planned in plan.samples]
+    datas = [Path(path).read_bytes() for path in paths]
+    pool_code: dict = {}
+    exec(compile(POOL_CONVERTER, "pool_converter", "exec"), pool_code)
+    shard_dir = work / "out" / "stages"
+    (shard_dir / "_work").mkdir(parents=True, exist_ok=True)
+    config = TransformConfig()
+    results = [process_image(data, config) for data in datas]
+    jpgs = [result.jpg for result in results]
+    pixels = [result.pixels for result in results]
+    interleaved = [np.ascontiguousarray(image[::-1])[::-1] for image in pixels]  # strided
+    per_shard = [plan]  # run_shard's time is divided by the plan's images below
+    stages = {
+        "pool_per_image_ms": (
+            lambda chunk: pool_code["chunk"]((str(shard_dir / "pool.tar"), chunk)),
+            [paths],
+        ),
+        "run_shard_per_image_ms": (lambda one: run_shard(one, config, shard_dir), per_shard),
+        "process_image_ms": (lambda data: process_image(data, config), datas),
+        "process_image_no_stats_ms": (
+            lambda data: process_image(data, config, decode_stored=False),
+            datas,
+        ),
+        "decode_back_ms": (lambda jpg: _decode_stored(jpg, config.size), jpgs),
+        "pixel_stats_add_ms": (PixelStats(config.size).add, pixels),
+        "pixel_stats_add_strided_ms": (PixelStats(config.size).add, interleaved),
+    }
+    best = dict.fromkeys(stages, float("inf"))
+    for _ in range(rounds):
+        for name, (function, items) in stages.items():
+            started = time.process_time()
+            for item in items:
+                function(item)
+            images = len(paths) if name in ("pool_per_image_ms", "run_shard_per_image_ms") else 1
+            elapsed = (time.process_time() - started) / (len(items) * images) * 1000
+            best[name] = min(best[name], elapsed)
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    result = {name: round(value, 4) for name, value in best.items()}
+    result["kernel_ratio_pool_vs_run_shard"] = round(
+        best["pool_per_image_ms"] / best["run_shard_per_image_ms"], 3
+    )
+    return result
+
+
+# -- running one converter -----------------------------------------------------------
+
+
+def _process_tree(root_pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _command(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+# Ray's processes by their executable or script (workers rename themselves ray::...).
+RAY_ROLES = {
+    "gcs_server": "ray gcs_server",
+    "raylet": "ray raylet",
+    "ray::DashboardAgent": "ray dashboard agent",
+    "dashboard/agent.py": "ray dashboard agent",
+    "ray::RuntimeEnvAgent": "ray runtime-env agent",
+    "runtime_env/agent/main.py": "ray runtime-env agent",
+    "dashboard/dashboard.py": "ray dashboard head",
+    "log_monitor.py": "ray log monitor",
+    "autoscaler/_private/monitor.py": "ray autoscaler monitor",
+    "default_worker.py": "ray worker",
+}
+
+
+def _role(pid: int, root_pid: int) -> str:
+    """What a process of the run is: the driver, a Ray daemon, a worker, ..."""
+    if pid == root_pid:
+        return "driver"
+    command = _command(pid)
+    if not command:
+        return "gone"
+    for word in command[:3]:
+        for ending, role in RAY_ROLES.items():
+            if word.endswith(ending) or word == ending:
+                return role
+        if word.startswith("ray::"):
+            return "ray worker"
+    if command == _command(root_pid):
+        return "driver's fork"
+    return os.path.basename(command[0])
+
+
+class TreeSampler(threading.Thread):
+    """Samples a process tree's RSS and CPU time (from /proc) until stopped.
+
+    CPU time per role is the sum of each process's last sample: up to
+    ``interval`` of a process's life before it exits is missed. (getrusage of
+    the reaped children would miss more: Ray's workers outlive their raylet.)
+    """
+
+    def __init__(self, root_pid: int, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.root_pid = root_pid
+        self.interval = interval
+        self.stopped = threading.Event()
+        self.peak_process_mb = 0.0
+        self.peak_tree_mb = 0.0
+        self.cpu_by_pid: dict[int, tuple[str, float]] = {}
+        self.peak_rss_by_role: dict[str, float] = {}  # the largest process of each role
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def run(self) -> None:
+        self.sample()
+        while not self.stopped.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        tree_mb = 0.0
+        for pid in _process_tree(self.root_pid):
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            rss_mb = int(fields[21]) * self.page_mb
+            tree_mb += rss_mb
+            self.peak_process_mb = max(self.peak_process_mb, rss_mb)
+            role = self.cpu_by_pid.get(pid, (None,))[0] or _role(pid, self.root_pid)
+            self.cpu_by_pid[pid] = (role, (int(fields[11]) + int(fields[12])) / self.ticks)
+            self.peak_rss_by_role[role] = max(self.peak_rss_by_role.get(role, 0.0), rss_mb)
+        self.peak_tree_mb = max(self.peak_tree_mb, tree_mb)
+
+    def cpu_by_role(self) -> dict[str, float]:
+        roles: dict[str, float] = {}
+        for role, seconds in self.cpu_by_pid.values():
+            roles[role] = round(roles.get(role, 0.0) + seconds, 2)
+        return roles
+
+
+def run_timed(command: list[str], environment: dict | None = None) -> dict:
+    """Run a converter to completion: wall seconds, CPU seconds, peak RSS."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    sampler = TreeSampler(process.pid)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    seconds = time.perf_counter() - started
+    sampler.stopped.set()
+    sampler.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"{command[:3]} failed ({process.returncode}): {stderr[-2000:]}")
+    return {
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(sum(sampler.cpu_by_role().values()), 2),
+        "peak_process_rss_mb": round(sampler.peak_process_mb, 1),
+        "peak_tree_rss_mb": round(sampler.peak_tree_mb, 1),
+        "cpu_by_role": sampler.cpu_by_role(),
+        "peak_rss_mb_by_role": {
+            role: round(mb, 1) for role, mb in sorted(sampler.peak_rss_by_role.items())
+        },
+    }
+
+
+def plain_pillow(work: Path) -> str | None:
+    """A directory with plain Pillow to put first on PYTHONPATH (None: use the active PIL)."""
     target = work / "plain-pillow"
     if not (target / "PIL").is_dir():
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--target",
-                str(target),
-                "--no-deps",
-                "pillow",
-            ],
+            [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target)]
+            + ["--no-deps", "pillow"],
             capture_output=True,
             text=True,
             check=False,
         )
         if result.returncode != 0:
-            print(
-                "WARNING: could not install plain Pillow; baseline uses the active PIL",
-                file=sys.stderr,
-            )
+            print("WARNING: no plain Pillow; the plain row uses the active PIL", file=sys.stderr)
             return None
     return str(target)
 
 
-def run_plain(corpus: Path, work: Path, plain_pillow: bool = True) -> tuple[float, str]:
-    environment = dict(os.environ)
-    plain = plain_pillow_path(work) if plain_pillow else None
-    if plain:
-        environment["PYTHONPATH"] = plain
-    output = subprocess.run(
-        [sys.executable, "-c", PLAIN_CONVERTER, str(corpus), str(work / "plain.tar")],
+def pil_name(environment: dict | None = None, python: str = sys.executable) -> str:
+    probe = (
+        "import importlib.metadata as m, PIL\n"
+        "try: simd = m.version('pillow-simd')\nexcept m.PackageNotFoundError: simd = None\n"
+        "print(('Pillow-SIMD ' if simd == PIL.__version__ else 'Pillow ') + PIL.__version__)"
+    )
+    result = subprocess.run(
+        [python, "-c", probe], capture_output=True, text=True, env=environment, check=False
+    )
+    return result.stdout.strip() or "unknown"
+
+
+def converters(args, work: Path, plain_path: str | None) -> dict:
+    """Row name -> function(size, corpus) -> run result."""
+    base = dict(os.environ)
+    base["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + ([base["PYTHONPATH"]] if base.get("PYTHONPATH") else [])
+    )
+    plain_env = dict(base, PYTHONPATH=plain_path) if plain_path else base
+
+    def out_dir(row: str, size: int) -> Path:
+        path = work / "out" / f"{row}-{size}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def plain(size, corpus):
+        target = out_dir("plain", size)
+        command = [sys.executable, "-c", PLAIN_CONVERTER, str(corpus), str(target)]
+        return run_timed(command, plain_env)
+
+    def pool(size, corpus):
+        target = out_dir("pool", size)
+        script = work / "pool_converter.py"  # a file: the pool's workers import __main__
+        script.write_text(POOL_CONVERTER)
+        command = [sys.executable, str(script), str(corpus), str(target), str(args.workers)]
+        return run_timed(command + [str(SHARD_SIZE)], base)
+
+    def ffcv(size, corpus):
+        target = out_dir("ffcv", size)
+        target.mkdir()
+        command = [
+            str(args.ffcv_python),
+            "-c",
+            FFCV_CONVERTER,
+            str(corpus),
+            str(target / "data.beton"),
+        ]
+        return run_timed(command + [str(args.workers), str(SHARD_SIZE)])
+
+    def alexpipe(size, corpus):
+        target = out_dir("alexpipe", size)
+        command = [sys.executable, "-m", "alexpipe.cli", "build-shards"]
+        command += ["--src", str(corpus.parent), "--out", str(target), "--splits", "train"]
+        command += ["--workers", str(args.workers)]
+        command += ["--shard-size", str(SHARD_SIZE), "--no-progress"]
+        result = run_timed(command, base)
+        manifest = json.loads((target / "manifest.json").read_text())
+        assert manifest["splits"]["train"]["num_samples"] == size, manifest["splits"]
+        return result
+
+    return {"plain": plain, "pool": pool, "ffcv": ffcv, "alexpipe": alexpipe}
+
+
+def ffcv_problem(python: Path) -> str | None:
+    """None when FFCV imports in ``python``'s venv, else why not, in one line."""
+    if not python.exists():
+        log = ROOT / "bench-out" / "install_ffcv.log"  # written by `make bench`
+        lines = log.read_text().strip().splitlines() if log.exists() else []
+        why = f": {lines[-1]}" if lines else ""
+        return f"FFCV is not installed ({python} missing{why}); run tools/install_ffcv.sh"
+    check = subprocess.run(
+        [str(python), "-c", "import ffcv.writer, ffcv.fields"],
         capture_output=True,
         text=True,
-        check=True,
-        env=environment,
-    ).stdout.split()
-    return float(output[0]), output[1]
-
-
-def _kernel_task(arguments):
-    from pipeline.build.shard_task import run_shard
-
-    plan, transform_config, out_dir = arguments
-    return run_shard(plan, transform_config, Path(out_dir))
-
-
-def run_bound(corpus: Path, work: Path, workers: int, shard_size: int) -> float:
-    """alexpipe's shard kernel on every core with a process pool (no Ray)."""
-    from pipeline.build.plan import plan_build
-    from pipeline.build.sources import discover
-    from pipeline.build.transform import TransformConfig
-
-    out = work / "bound"
-    shutil.rmtree(out, ignore_errors=True)
-    (out / "_work").mkdir(parents=True)
-    listing = discover(corpus, "folder", ("train",))
-    plans = plan_build({"train": listing.items["train"]}, shard_size, seed=0)
-    config = TransformConfig()
-    started = time.perf_counter()
-    with ProcessPoolExecutor(workers) as pool:
-        records = list(pool.map(_kernel_task, [(plan, config, str(out)) for plan in plans]))
-    elapsed = time.perf_counter() - started
-    return sum(len(plan.samples) for plan in plans) / elapsed, records
-
-
-def run_alexpipe(corpus: Path, work: Path, workers: int, shard_size: int):
-    from pipeline.build.config import BuildConfig
-    from pipeline.build.job import build_shards
-
-    out = work / "alexpipe"
-    shutil.rmtree(out, ignore_errors=True)
-    config = BuildConfig(
-        src=corpus,
-        out=out,
-        layout="folder",
-        splits=("train",),
-        shard_size=shard_size,
-        workers=workers,
-        progress=False,
+        check=False,
     )
-    started = time.perf_counter()
-    summary = build_shards(config)
-    elapsed = time.perf_counter() - started
-    return summary.images_processed / elapsed, summary
+    if check.returncode != 0:
+        lines = check.stderr.strip().splitlines() or ["import ffcv failed"]
+        return f"FFCV does not import in {python}: {lines[-1]}"
+    return None
+
+
+# -- summary -------------------------------------------------------------------------
+
+
+def fit(small: int, large: int, runs: dict) -> dict:
+    """Slope and start-up from one run at each size; CPU ms per image at scale."""
+    t1, t2 = runs[small]["seconds"], runs[large]["seconds"]
+    slope = (large - small) / (t2 - t1) if t2 > t1 else float("inf")
+    cpu = runs[large]["cpu_seconds"] - runs[small]["cpu_seconds"]
+    return {
+        "slope": slope,
+        "startup_s": t1 - small / slope,
+        "total_rate": large / t2,
+        "cpu_ms_per_image": 1000 * cpu / (large - small),
+    }
+
+
+def span(values: list[float], digits: int = 0) -> str:
+    low, high = min(values), max(values)
+    if digits == 0:
+        low, high = round(low), round(high)
+        return f"{low:,}" if low == high else f"{low:,}–{high:,}"
+    return f"{low:.{digits}f}" if low == high else f"{low:.{digits}f}–{high:.{digits}f}"
+
+
+def summarize(rows: list[str], repeats: list[dict], sizes: list[int]) -> dict:
+    small, large = sizes[0], sizes[-1]
+    fits = {row: [fit(small, large, repeat[row]) for repeat in repeats] for row in rows}
+    summary = {"rows": {}, "ratios": {}, "cpu_ratios": {}}
+    for row in rows:
+        summary["rows"][row] = {
+            "slope_img_per_s": [round(f["slope"], 1) for f in fits[row]],
+            "startup_s": [round(f["startup_s"], 2) for f in fits[row]],
+            "total_rate_at_largest": [round(f["total_rate"], 1) for f in fits[row]],
+            "cpu_ms_per_image": [round(f["cpu_ms_per_image"], 3) for f in fits[row]],
+        }
+    if "alexpipe" in rows:
+        for other in rows:
+            if other != "alexpipe":
+                pairs = list(zip(fits["alexpipe"], fits[other], strict=True))
+                summary["ratios"][f"alexpipe_vs_{other}"] = [
+                    round(a["slope"] / b["slope"], 3) for a, b in pairs
+                ]
+                summary["cpu_ratios"][f"alexpipe_vs_{other}"] = [
+                    round(b["cpu_ms_per_image"] / a["cpu_ms_per_image"], 3) for a, b in pairs
+                ]
+    return summary
+
+
+def print_table(result: dict) -> None:
+    sizes, rows = result["sizes"], result["rows"]
+    corpus = result["corpus"]
+    print(
+        f"\ncorpus: {corpus['images']} photographs, median {corpus['median_size']}, "
+        f"median {corpus['median_kb']} KB (mean {corpus['mean_kb']} KB), "
+        f"{corpus['grayscale_share']:.1%} grayscale, {corpus['over_1000px_share']:.1%} "
+        f"over 1000 px; decode {corpus['decode_ms']} ms/image "
+        f"({corpus['decode_draft_ms']} with draft), {result['pil']}"
+    )
+    if not result["pil"].startswith("Pillow-SIMD"):
+        print("WARNING: the active PIL is not Pillow-SIMD (make install builds it)")
+    print(f"{result['workers']} workers, {len(result['repeats'])} repeat(s); ranges over repeats\n")
+    header = ["converter"] + [f"s @ {size:,}" for size in sizes]
+    header += ["img/s at scale", "start-up s", "CPU ms/img at scale"]
+    header += [f"peak RSS MB, largest process (all) @ {sizes[0]:,} / {sizes[-1]:,}"]
+    table = [header]
+    for row in rows:
+        runs = [repeat[row] for repeat in result["repeats"]]
+        line = [row] + [span([run[size]["seconds"] for run in runs], 1) for size in sizes]
+        line.append(span(result["summary"]["rows"][row]["slope_img_per_s"]))
+        line.append(span(result["summary"]["rows"][row]["startup_s"], 1))
+        line.append(span(result["summary"]["rows"][row]["cpu_ms_per_image"], 2))
+        peaks = [
+            span([run[size]["peak_process_rss_mb"] for run in runs])
+            + " ("
+            + span([run[size]["peak_tree_rss_mb"] for run in runs])
+            + ")"
+            for size in (sizes[0], sizes[-1])
+        ]
+        line.append(" / ".join(peaks))
+        table.append(line)
+    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    print()
+    targets = {"alexpipe_vs_pool": 0.75, "alexpipe_vs_ffcv": 1.15}
+    for name, values in result["summary"]["ratios"].items():
+        target = f" (target >= {targets[name]})" if name in targets else ""
+        cpu = span(result["summary"]["cpu_ratios"][name], 2)
+        print(f"{name}: slope ratio {span(values, 2)}{target}; by CPU time per image {cpu}")
+    if result.get("ffcv_skipped"):
+        print(f"ffcv: SKIPPED ({result['ffcv_skipped']})")
+    stages = result.get("stages")
+    if stages:
+        print(
+            f"one core, best of 5 rounds, ms/image: the pool's work {stages['pool_per_image_ms']}, "
+            f"alexpipe's run_shard {stages['run_shard_per_image_ms']}: "
+            f"{stages['kernel_ratio_pool_vs_run_shard']}x, the bound of alexpipe_vs_pool"
+        )
+        print(
+            f"alexpipe kernel, one core, ms/image: process_image {stages['process_image_ms']} "
+            f"(without the decode-back and stats {stages['process_image_no_stats_ms']}); "
+            f"decode-back {stages['decode_back_ms']}; PixelStats.add "
+            f"{stages['pixel_stats_add_ms']} (target <= 0.1; "
+            f"{stages['pixel_stats_add_strided_ms']} from a strided array)"
+        )
+    if "alexpipe" in rows:
+        run = result["repeats"][-1]["alexpipe"][sizes[-1]]
+        roles = sorted(run["cpu_by_role"].items(), key=lambda item: -item[1])
+        roles = ", ".join(f"{role} {seconds}" for role, seconds in roles)
+        print(
+            f"alexpipe @ {sizes[-1]:,}, CPU seconds: {run['cpu_seconds']} in all; "
+            f"sampled by process: {roles}"
+        )
+        for size in sizes:
+            peaks = result["repeats"][-1]["alexpipe"][size]["peak_rss_mb_by_role"]
+            peaks = ", ".join(f"{role} {mb:.0f}" for role, mb in peaks.items() if mb)
+            print(f"alexpipe @ {size:,}, peak RSS MB of the largest process of each kind: {peaks}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=6000)
+    parser.add_argument("--sizes", default="2000,8000", help="two dataset sizes (images)")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--shard-size", type=int, default=100)
+    parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--work", type=Path, default=ROOT / "bench-out" / "build")
+    parser.add_argument("--ffcv-python", type=Path, default=FFCV_PYTHON)
     parser.add_argument(
-        "--baseline-pil",
+        "--plain-pil",
         choices=["plain", "active"],
         default="plain",
-        help="plain: run the baseline with plain Pillow (pip-installed beside the corpus); "
-        "active: with the PIL this environment has (Pillow-SIMD after make install)",
+        help="plain: the plain row with plain Pillow (pip-installed into WORK on first use); "
+        "active: with this environment's PIL",
     )
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-stages", action="store_true", help="skip the one-core stage timings")
+    parser.add_argument("--json", action="store_true", help="print the JSON result, not the table")
     args = parser.parse_args()
-
+    sizes = sorted(int(size) for size in args.sizes.split(","))
+    if len(sizes) != 2 or sizes[0] < 1 or sizes[0] == sizes[1]:
+        parser.error("--sizes takes two different image counts, e.g. 2000,8000")
+    rows = [row for row in args.rows.split(",") if row]
+    if unknown := set(rows) - set(ROWS):
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
     args.work.mkdir(parents=True, exist_ok=True)
-    corpus = args.work / "corpus"
-    print(f"corpus: {args.images} ImageNet-sized JPEGs in {corpus} ...", file=sys.stderr)
-    make_corpus(corpus, args.images)
-    sizes = [p.stat().st_size for p in corpus.rglob("*.JPEG")]
-    plain_rate, plain_pil = run_plain(corpus, args.work, args.baseline_pil == "plain")
-    bound_rate, bound_records = run_bound(corpus, args.work, args.workers, args.shard_size)
-    alexpipe_rate, summary = run_alexpipe(corpus, args.work, args.workers, args.shard_size)
-    result = {
-        "images": args.images,
-        "mean_jpeg_kb": round(float(np.mean(sizes)) / 1024, 1),
-        "workers": args.workers,
-        "plain_img_per_s": round(plain_rate, 1),
-        "plain_pil": plain_pil,
-        "bound_img_per_s": round(bound_rate, 1),
-        "alexpipe_img_per_s": round(alexpipe_rate, 1),
-        "alexpipe_vs_plain": round(alexpipe_rate / plain_rate, 2),
-        "alexpipe_vs_bound": round(alexpipe_rate / bound_rate, 2),
-        "peak_worker_rss_mb": summary.peak_worker_rss_mb,
-        "bound_peak_worker_rss_mb": max(r["peak_rss_mb"] for r in bound_records),
-    }
+
+    result = {"sizes": sizes, "workers": args.workers, "shard_size": SHARD_SIZE, "pil": pil_name()}
+    if "ffcv" in rows and (reason := ffcv_problem(args.ffcv_python)):
+        print(f"SKIPPING the ffcv row: {reason}", file=sys.stderr)
+        result["ffcv_skipped"] = reason
+        rows.remove("ffcv")
+    result["rows"] = rows
+    corpora = make_corpora(args.work, sizes, args.workers)
+    result["corpus"] = describe_corpus(corpora[sizes[-1]])
+    if not args.no_stages:
+        result["stages"] = kernel_stages(corpora[sizes[-1]], args.work)
+    plain_path = plain_pillow(args.work) if "plain" in rows and args.plain_pil == "plain" else None
+    if "plain" in rows:
+        result["plain_pil"] = pil_name(dict(os.environ, PYTHONPATH=plain_path or ""))
+    run = converters(args, args.work, plain_path)
+    result["repeats"] = []
+    for repeat in range(args.repeats):
+        # Alternate the order, so that a slow spell of a shared machine does not
+        # always fall on the same row.
+        order = rows if repeat % 2 == 0 else rows[::-1]
+        runs = {row: {} for row in rows}
+        for row in order:
+            for size in sizes:
+                print(f"repeat {repeat + 1}: {row} @ {size} ...", file=sys.stderr)
+                runs[row][size] = run[row](size, corpora[size])
+        result["repeats"].append(runs)
+    result["summary"] = summarize(rows, result["repeats"], sizes)
+    shutil.rmtree(args.work / "out", ignore_errors=True)
+    (args.work / "bench_build.json").write_text(json.dumps(result, indent=1) + "\n")
     if args.json:
         print(json.dumps(result))
-        return
-    print(f"plain single-process Pillow ({plain_pil}): {plain_rate:8.1f} img/s")
-    print(f"no-Ray kernel bound ({args.workers} procs):   {bound_rate:8.1f} img/s")
-    print(
-        f"alexpipe build-shards ({args.workers} workers): {alexpipe_rate:8.1f} img/s "
-        f"= {result['alexpipe_vs_plain']}x plain, {result['alexpipe_vs_bound']}x bound "
-        "(targets: >= 3x, >= 0.7x)"
-    )
-    print(f"peak RSS per worker: {summary.peak_worker_rss_mb:.0f} MB (target < 1024)")
+    else:
+        print_table(result)
+        print(f"\n(all figures: {args.work / 'bench_build.json'})")
 
 
 if __name__ == "__main__":

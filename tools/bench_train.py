@@ -48,7 +48,7 @@ def train_config(arguments, classes: int) -> TrainConfig:
         num_classes=classes,
         width=arguments.width,
         channels_last=arguments.channels_last,
-    )
+    ).resolved()
 
 
 def build_model(config: TrainConfig) -> torch.nn.Module:
@@ -61,19 +61,29 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_steps(model, optimizer, batches, steps: int, arguments) -> dict:
-    """Time ``steps`` training steps (after 3 warm-up steps) over ``batches``."""
+WARM_UP_STEPS = 3
+
+
+def run_steps(model, optimizer, timed_batches, steps: int, arguments) -> dict:
+    """Time ``steps`` training steps after :data:`WARM_UP_STEPS` warm-up steps.
+
+    ``timed_batches`` yields ``(batch, wait_seconds)`` as
+    :func:`trainer.engine.measure_batches` does. The clock starts when the
+    first timed batch has arrived, so the wait for that batch fell before it
+    and is not counted; only the waits inside the timed window are.
+    """
     device = torch.device(arguments.device)
     images_done, waited, started = 0, 0.0, None
-    for step, ((images, labels), wait) in enumerate(measure_batches(batches)):
-        if step == 3:
+    for step, ((images, labels), wait) in enumerate(timed_batches):
+        if step == WARM_UP_STEPS:
             _synchronize(arguments.device)
             started, images_done, waited = time.perf_counter(), 0, 0.0
+        elif step > WARM_UP_STEPS:
+            waited += wait
         images, labels = to_device(images, labels, device, arguments.channels_last)
         train_step(model, optimizer, images, labels, bf16=arguments.bf16)
         images_done += images.shape[0]
-        waited += wait
-        if step + 1 >= steps + 3:
+        if step + 1 >= steps + WARM_UP_STEPS:
             break
     _synchronize(arguments.device)
     elapsed = time.perf_counter() - started
@@ -134,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = train_config(arguments, classes)
         model = build_model(config)
         optimizer = build_optimizer(model, config)
-        measured = run_steps(model, optimizer, batches, arguments.steps, arguments)
+        measured = run_steps(model, optimizer, measure_batches(batches), arguments.steps, arguments)
         result[f"{name}_img_per_s"] = round(measured["img_per_s"], 1)
         result[f"{name}_data_wait_frac"] = round(measured["data_wait_frac"], 3)
     result["real_vs_synthetic"] = round(result["real_img_per_s"] / result["synthetic_img_per_s"], 3)

@@ -6,7 +6,9 @@
 - ``data``: the one call into :mod:`pipeline.load.loader`.
 - ``engine``: ``train_one_epoch``, ``evaluate``, ``fit``.
 - ``session`` / ``checkpoint``: the run's state and RUN/checkpoint.pt.
-- ``schedule``: learning-rate schedules; ``metrics``: metrics.jsonl, curves.png.
+- ``schedule``: torch's learning-rate schedulers, as the run uses them;
+  ``metrics``: metrics.jsonl, curves.png.
+- ``health``: stops a run that can no longer learn (divergence), in one line.
 - ``distributed``: process groups (torchrun, local spawning, one process).
 - ``run``: a whole run (``train``); ``evaluation``: ``evaluate_checkpoint``.
 

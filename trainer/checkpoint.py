@@ -2,9 +2,10 @@
 
 The dict (see :func:`trainer.run` for who fills it)::
 
-    {"format": "alexpipe-checkpoint/1",
+    {"format": "alexpipe-checkpoint/2",
      "model": single-device AlexNet state dict (also for --parallel columns),
-     "optimizer", "scheduler": their state dicts,
+     "optimizer", "scheduler": their state dicts (the scheduler is torch's
+         ReduceLROnPlateau or MultiStepLR, see trainer.schedule),
      "epoch": epochs completed, "batch_in_epoch": batches done of the next,
      "step": optimizer steps done,
      "loss_window": partial sums of the metrics row being accumulated,
@@ -29,7 +30,10 @@ import torch
 from shards.atomic import atomic_file
 from shards.errors import UserError
 
-FORMAT = "alexpipe-checkpoint/1"
+FORMAT = "alexpipe-checkpoint/2"
+# Format 1 kept the schedule in a hand-written dict that torch's schedulers cannot
+# load. Its weights are the same: `alexpipe eval` still reads it, --resume does not.
+OLD_FORMATS = ("alexpipe-checkpoint/1",)
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -77,8 +81,12 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
         torch.save(checkpoint, handle)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (tensors on the CPU)."""
+def load_checkpoint(path: Path, for_resume: bool = True) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors on the CPU).
+
+    A checkpoint of an older format is refused when it is to be resumed
+    (``for_resume``) and accepted for its weights otherwise.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
@@ -86,6 +94,14 @@ def load_checkpoint(path: Path) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a foreign or damaged file: say so in one line
         raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__})") from error
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if found in OLD_FORMATS:
+        if not for_resume:
+            return checkpoint
+        raise UserError(
+            f"cannot resume {path}: it is in the old format {found}, whose schedule state "
+            f"this version cannot load; start a new run (alexpipe eval still reads its weights)"
+        )
+    if found != FORMAT:
         raise UserError(f"{path} is not an alexpipe checkpoint (expected format {FORMAT})")
     return checkpoint

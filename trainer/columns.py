@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.model import NUM_COLUMNS, initialize_paper, paper_lrn, scaled_widths
+from trainer.model import NUM_COLUMNS, LocalResponseNorm, initialize_paper, scaled_widths
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
@@ -44,8 +44,8 @@ class Column(nn.Module):
         self.fc6 = nn.Linear(c5 * 6 * 6, hidden // half)
         self.fc7 = nn.Linear(hidden, hidden // half)
         self.fc8 = nn.Linear(hidden, classes)
-        self.norm1 = paper_lrn()
-        self.norm2 = paper_lrn()
+        self.norm1 = LocalResponseNorm()
+        self.norm2 = LocalResponseNorm()
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2)
         self.relu = nn.ReLU(inplace=True)
         self.dropout = nn.Dropout(dropout)

@@ -1,4 +1,4 @@
-"""The one place the trainer gets its data: :mod:`pipeline.load.loader` (SPEC §6).
+"""The one place the trainer gets its data: :mod:`pipeline.load.loader` (README, "Real use").
 
 The training loop itself accepts any iterable of ``(images, labels)``
 batches with a ``len()``; these functions build the real ones. The train
@@ -93,6 +93,7 @@ def make_loaders(config, rank: int, world_size: int) -> tuple[object, object | N
         "num_threads": config.num_threads,
         "normalize": config.normalize,
         "lighting_std": config.lighting_std,
+        "on_bad_sample": config.on_bad_sample,
         **cache_options(config, rank, world_size),
     }
     train_loader = create_loader(config.shards_dir, split="train", **common)

@@ -219,8 +219,3 @@ def gather_objects(obj, context: DistributedContext) -> list:
     gathered: list = [None] * context.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def barrier(context: DistributedContext) -> None:
-    if context.is_distributed:
-        dist.barrier()

@@ -16,10 +16,13 @@ import torch
 import torch.nn.functional as functional
 from torch import nn
 
-from pipeline.load.interface import Loader, ResumableLoader
+from pipeline.load.interface import Loader, ResumableLoader, SkippingLoader
 from trainer.checkpoint import restore_rng_state
-from trainer.distributed import DistributedContext, all_reduce_sum
+from trainer.config import default_lr
+from trainer.distributed import DistributedContext, all_reduce_sum, gather_objects
+from trainer.health import Divergence, divergence_message
 from trainer.metrics import CURVES_NAME, plot_curves
+from trainer.schedule import end_epoch
 from trainer.session import TrainingSession, save_session
 
 
@@ -66,13 +69,48 @@ def train_step(
     return loss.detach()
 
 
-def _log_training_row(session: TrainingSession, progress) -> None:
-    """Write the metrics row of the steps since the last one (a collective under DDP)."""
+def _note_skipped(session: TrainingSession, loader, epoch: int | None = None) -> None:
+    """Keep a row for each sample ``loader`` skipped since the last call (with
+    ``--on-bad-sample skip``), at the step that stands now; ``epoch`` defaults to
+    the one being trained (rows count epochs from 1)."""
+    if not isinstance(loader, SkippingLoader):
+        return
+    step = session.position.step
+    epoch = session.position.epoch + 1 if epoch is None else epoch
+    session.skipped.extend(
+        {"epoch": epoch, "step": step, "skipped": sample.as_row()}
+        for sample in loader.take_skipped()
+    )
+
+
+def _write_skipped(session: TrainingSession, count: int | None = None) -> None:
+    """Write every rank's rows of skipped samples to metrics.jsonl (a collective under DDP).
+
+    ``count``: the number of rows over all ranks, if already summed (a
+    training row sums it with the loss, so there is no collective on the
+    way when nothing was skipped).
+    """
+    if count is None:
+        total = torch.tensor([float(len(session.skipped))], device=session.device)
+        count = int(all_reduce_sum(total, session.context).item())
+    if count:
+        rows = [row for rows in gather_objects(session.skipped, session.context) for row in rows]
+        if session.metrics is not None:
+            for row in sorted(rows, key=lambda row: row["step"]):
+                session.metrics.append(row)
+    session.skipped.clear()
+
+
+def _log_training_row(session: TrainingSession, progress) -> float:
+    """Write the metrics row of the steps since the last one; returns its loss
+    (a collective under DDP)."""
     context, window = session.context, session.window
     loss_sum = torch.as_tensor(window.loss_sum, dtype=torch.float64, device=session.device)
     steps = torch.tensor(float(window.steps), dtype=torch.float64, device=session.device)
-    totals = torch.stack([loss_sum, steps])
+    skipped = torch.tensor(float(len(session.skipped)), dtype=torch.float64, device=session.device)
+    totals = torch.stack([loss_sum, steps, skipped])
     all_reduce_sum(totals, context)  # mean over every rank's steps
+    _write_skipped(session, count=int(totals[2].item()))
     loss = (totals[0] / totals[1]).item()
     elapsed = max(time.perf_counter() - window.started, 1e-9)
     row = {
@@ -92,6 +130,41 @@ def _log_training_row(session: TrainingSession, progress) -> None:
             wait=f"{row['data_wait_frac']:.0%}",
         )
     window.restart()
+    return loss
+
+
+def stop_if_diverged(session: TrainingSession, progress=None, loss: float | None = None) -> None:
+    """Raise :class:`Divergence` if the steps since the last check show a run that can
+    no longer learn (see :mod:`trainer.health`).
+
+    Called after every metrics row (with its ``loss``) and before every
+    checkpoint, so a diverged state never replaces the last good checkpoint.
+    A stop between rows first writes the row of the steps since the last
+    one, so metrics.jsonl ends at the step the message names. A collective
+    under DDP: every rank reaches the same verdict.
+    """
+    guard = session.guard
+    if guard is None:
+        return
+    problem = guard.problem(session.context)
+    if problem is None:
+        if loss is not None:
+            guard.restart()  # this window was judged and written
+        return
+    if loss is None:
+        loss = _log_training_row(session, progress)
+    config = session.config
+    lr = session.optimizer.param_groups[0]["lr"]
+    raise Divergence(
+        divergence_message(
+            problem,
+            session.position.step,
+            loss,
+            lr,
+            suggested_lr=min(default_lr(config.batch_size), lr / 4),
+            kept_step=session.saved_step,
+        )
+    )
 
 
 def _epoch_batches(session: TrainingSession) -> Iterable:
@@ -103,6 +176,17 @@ def _epoch_batches(session: TrainingSession) -> Iterable:
         skip, session.skip_batches = session.skip_batches, 0
         return itertools.islice(loader, skip, None)
     return loader
+
+
+def _judged_after(session: TrainingSession, step: int) -> bool:
+    """Whether the divergence checks run after ``step`` (a row or a checkpoint follows)."""
+    config, position = session.config, session.position
+    return (
+        step % config.log_every == 0
+        or position.batch_in_epoch + 1 == session.steps_per_epoch
+        or (config.max_steps is not None and step >= config.max_steps)
+        or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
+    )
 
 
 def train_one_epoch(session: TrainingSession) -> bool:
@@ -137,22 +221,31 @@ def train_one_epoch(session: TrainingSession) -> bool:
                 restore_rng_state(session.pending_rng)
                 session.pending_rng = None
             images, labels = to_device(images, labels, session.device, config.channels_last)
+            if session.guard is not None and _judged_after(session, position.step + 1):
+                session.guard.arm()  # measure this step's activations for the check after it
             loss = train_step(session.model, session.optimizer, images, labels, config.bf16)
             position.step += 1
+            if session.guard is not None:
+                session.guard.observe(position.step, loss)
             position.batch_in_epoch += 1
+            _note_skipped(session, session.train_loader)
             session.window.add(loss, images.shape[0], wait_seconds)
             last_batch = position.batch_in_epoch == session.steps_per_epoch
             if position.step % config.log_every == 0 or last_batch:
-                _log_training_row(session, progress)
+                stop_if_diverged(session, progress, _log_training_row(session, progress))
             if progress is not None:
                 progress.update(1)
             if last_batch:
                 break
             if config.max_steps is not None and position.step >= config.max_steps:
+                stop_if_diverged(session, progress)
+                _write_skipped(session)
                 save_session(session)
                 stopped = True
                 break
             if config.checkpoint_every and position.step % config.checkpoint_every == 0:
+                stop_if_diverged(session, progress)
+                _write_skipped(session)
                 save_session(session)
                 session.window.restart_timer()
     finally:
@@ -235,6 +328,8 @@ def fit(session: TrainingSession) -> None:
                 config.bf16,
                 config.channels_last,
             )
+            _note_skipped(session, session.val_loader, epoch=position.epoch)
+            _write_skipped(session)
         if results is not None and session.metrics is not None:
             session.metrics.append(
                 {
@@ -246,7 +341,7 @@ def fit(session: TrainingSession) -> None:
                 }
             )
         top1_err = results["top1_err"] if results is not None else None
-        session.schedule.epoch_end(position.epoch, top1_err)
+        end_epoch(session.schedule, top1_err)
         save_session(session)
         curves_step = _draw_curves(session)
     if curves_step != position.step:

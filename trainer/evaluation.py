@@ -44,7 +44,7 @@ def evaluate_checkpoint(
     device = device or default_device()
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available (use --device cpu)")
-    checkpoint = load_checkpoint(Path(checkpoint_path))
+    checkpoint = load_checkpoint(Path(checkpoint_path), for_resume=False)
     network = network_from_checkpoint(checkpoint, device)
     if loader is None:
         from trainer.data import make_eval_loader

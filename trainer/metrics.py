@@ -1,9 +1,12 @@
 """RUN/metrics.jsonl (one JSON object per line) and RUN/curves.png.
 
 Training rows: ``epoch, step, loss, lr, img_per_s, data_wait_frac``;
-evaluation rows: ``epoch, step, top1_err, top5_err, val_loss``. ``epoch``
-counts from 1 (the epoch the row belongs to), ``step`` is the number of
-optimizer steps done since the start of the run.
+evaluation rows: ``epoch, step, top1_err, top5_err, val_loss``; with
+``--on-bad-sample skip``, a row ``epoch, step, skipped: {shard, key, index}``
+for each sample left out of a batch because it does not decode (an epoch
+gives every other sample once). ``epoch`` counts from 1 (the epoch the row
+belongs to), ``step`` is the number of optimizer steps done since the start
+of the run.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from shards.atomic import atomic_file, write_text_atomic
 
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
+SUMMARY_SAMPLES = 5  # skipped samples named in the end-of-run line; the rest are counted
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -48,6 +52,28 @@ class MetricsLog:
         """Drop rows after ``step``: on resume they are logged again from the checkpoint."""
         rows = [row for row in read_rows(self.path) if row["step"] <= step]
         write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def skipped_summary(path: Path, shards_dir: str) -> str | None:
+    """One line on the samples a run skipped (None if it skipped none), from its rows."""
+    skips = [row["skipped"] for row in read_rows(path) if "skipped" in row]
+    if not skips:
+        return None
+    samples = sorted({(skip["shard"], skip["key"], skip["index"]) for skip in skips})
+    named = ", ".join(
+        f"{shard}: {key} (index {index})" for shard, key, index in samples[:SUMMARY_SAMPLES]
+    )
+    if len(samples) > SUMMARY_SAMPLES:
+        named += f" and {len(samples) - SUMMARY_SAMPLES} more"
+    return (
+        f"skipped {_count(len(samples), 'bad sample')} ({named}) {_count(len(skips), 'time')} "
+        f"in all, each a 'skipped' row of {Path(path).name}; run alexpipe verify {shards_dir}, "
+        f"rebuild with alexpipe verify {shards_dir} --repair --src SRC"
+    )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def epoch_curves(rows: list[dict]) -> dict[str, dict[int, float]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as functional
 from torch import nn
 
 # The paper's network with 1000 classes; asserted by the tests.
@@ -31,29 +32,52 @@ INIT_STD = 0.01
 NUM_COLUMNS = 2
 
 
-def paper_lrn() -> nn.LocalResponseNorm:
-    """The paper's LRN: b = a / (k + α Σ a²)^β, n=5, k=2, α=1e-4, β=0.75.
+class LocalResponseNorm(nn.Module):
+    """The paper's LRN, b_i = a_i / (k + α Σ_j a_j²)^β with j over the n maps around i.
 
-    ``nn.LocalResponseNorm`` divides α by n, so α=5e-4 here is the paper's 1e-4.
+    n=5, k=2, α=1e-4, β=0.75, the sum clipped at the first and last map.
+    With ``columns`` > 1 the maps are split into that many equal groups and
+    the window never crosses from one group into the next (each GPU could
+    normalize only the maps it held).
+
+    Written out as a sum of n shifted channel slices rather than with
+    ``nn.LocalResponseNorm``: that one runs ``avg_pool3d``, whose CUDA
+    backward is nondeterministic, and folds α/n into an average. The sum
+    is computed in float32 (also under bf16 autocast, where the squares
+    would otherwise lose their low bits); the output has the input's dtype.
     """
-    return nn.LocalResponseNorm(size=5, alpha=5e-4, beta=0.75, k=2.0)
 
-
-class ColumnwiseLRN(nn.Module):
-    """The paper's LRN applied to each column's channels on its own.
-
-    A GPU could only normalize over the maps it held, so the 5-map window
-    never crosses from one column into the other.
-    """
-
-    def __init__(self, columns: int = NUM_COLUMNS) -> None:
+    def __init__(
+        self,
+        columns: int = 1,
+        size: int = 5,
+        alpha: float = 1e-4,
+        beta: float = 0.75,
+        k: float = 2.0,
+    ) -> None:
         super().__init__()
-        self.columns = columns
-        self.norm = paper_lrn()
+        self.columns, self.size, self.alpha, self.beta, self.k = columns, size, alpha, beta, k
 
     def forward(self, activations: torch.Tensor) -> torch.Tensor:
-        chunks = activations.chunk(self.columns, dim=1)
-        return torch.cat([self.norm(chunk) for chunk in chunks], dim=1)
+        batch, channels, height, width = activations.shape
+        per_column = channels // self.columns
+        values = activations.float()
+        squares = (values * values).reshape(batch, self.columns, per_column, height, width)
+        half = self.size // 2
+        # Zero maps on both sides of each column make every window n maps long.
+        padded = functional.pad(squares, (0, 0, 0, 0, half, half))
+        window = padded[:, :, :per_column]
+        for shift in range(1, self.size):
+            window = window + padded[:, :, shift : shift + per_column]
+        window = window.reshape(batch, channels, height, width)
+        denominator = (window * self.alpha + self.k).pow(self.beta)
+        return (values / denominator).to(activations.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"columns={self.columns}, size={self.size}, alpha={self.alpha}, "
+            f"beta={self.beta}, k={self.k}"
+        )
 
 
 def scaled_widths(width: float) -> tuple[tuple[int, ...], int]:
@@ -91,8 +115,8 @@ class AlexNet(nn.Module):
         self.fc6 = nn.Linear(c5 * 6 * 6, hidden)
         self.fc7 = nn.Linear(hidden, hidden)
         self.fc8 = nn.Linear(hidden, num_classes)
-        self.norm1 = ColumnwiseLRN()
-        self.norm2 = ColumnwiseLRN()
+        self.norm1 = LocalResponseNorm(columns=NUM_COLUMNS)
+        self.norm2 = LocalResponseNorm(columns=NUM_COLUMNS)
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2)
         self.relu = nn.ReLU(inplace=True)
         self.dropout = nn.Dropout(dropout)

@@ -33,6 +33,7 @@ from trainer.distributed import (
     world_size_of,
 )
 from trainer.engine import fit
+from trainer.health import DivergenceGuard
 from trainer.metrics import METRICS_NAME, MetricsLog
 from trainer.model import AlexNet
 from trainer.schedule import create_schedule
@@ -145,6 +146,7 @@ def train_worker(
         out_dir=out_dir,
         steps_per_epoch=min_over_ranks(len(train_loader), context),
         metrics=MetricsLog(out_dir / METRICS_NAME) if context.is_main else None,
+        guard=DivergenceGuard(network, config.num_classes, context.device),
     )
     if session.steps_per_epoch == 0:
         raise UserError("the train split gives no batch (fewer images than --batch-size?)")
@@ -161,7 +163,15 @@ def train_worker(
 
 def prepare_run(config: TrainConfig) -> TrainConfig:
     """Check the run directory (and that a ``--resume`` can continue its checkpoint),
-    and fill in what the shards decide (num_classes)."""
+    and fill in what the shards and the batch decide (num_classes, lr)."""
+    config = config.resolved()
+    if config.parallel == "columns" and world_size_of(config.nproc) > 1:
+        # Each process would put its two columns on cuda:0 and cuda:1, the same
+        # devices as every other process of the node, and DDP then fails.
+        raise UserError(
+            "--parallel columns runs in one process (it uses two devices itself); "
+            f"this run has {world_size_of(config.nproc)} (torchrun): use --parallel ddp"
+        )
     out_dir = Path(config.out_dir)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if config.resume and not checkpoint_path.is_file():

@@ -29,7 +29,9 @@ from trainer.checkpoint import (
 from trainer.columns import ColumnAlexNet
 from trainer.config import RESUME_INVARIANTS, TrainConfig
 from trainer.distributed import DistributedContext, gather_objects
+from trainer.health import DivergenceGuard
 from trainer.metrics import MetricsLog
+from trainer.schedule import Schedule
 
 
 @dataclass
@@ -81,7 +83,7 @@ class TrainingSession:
     network: nn.Module  # AlexNet or ColumnAlexNet: owns the weights, used for evaluation
     model: nn.Module  # what a training step calls: network, DDP(network) and/or compiled
     optimizer: torch.optim.Optimizer
-    schedule: object  # trainer.schedule.PlateauSchedule | StepSchedule
+    schedule: Schedule  # torch's ReduceLROnPlateau or MultiStepLR
     train_loader: object
     val_loader: object | None
     out_dir: Path
@@ -91,6 +93,9 @@ class TrainingSession:
     window: LossWindow = field(default_factory=LossWindow)
     pending_rng: dict | None = None  # restored once a resumed mid-epoch iteration runs
     skip_batches: int = 0  # for loaders without load_state_dict: batches to drop on resume
+    skipped: list[dict] = field(default_factory=list)  # bad samples' rows, not yet written
+    guard: DivergenceGuard | None = None  # stops a run that can no longer learn
+    saved_step: int | None = None  # the step of the checkpoint on disk, if any
 
     @property
     def device(self) -> torch.device:
@@ -125,6 +130,7 @@ def save_session(session: TrainingSession) -> None:
     gathered = gather_objects((capture_rng_state(), loader_state(session.train_loader)), context)
     rng_states = [rng for rng, _ in gathered]
     loader_states = [loader for _, loader in gathered]
+    session.saved_step = session.position.step
     if not context.is_main:
         return
     window = session.window
@@ -172,6 +178,7 @@ def restore_session(session: TrainingSession, checkpoint: dict) -> None:
     session.position = Position(
         checkpoint["epoch"], checkpoint["batch_in_epoch"], checkpoint["step"]
     )
+    session.saved_step = checkpoint["step"]
     saved_window = checkpoint["loss_window"]
     session.window = LossWindow(
         loss_sum=torch.tensor(saved_window["loss_sum"], dtype=torch.float64, device=session.device),

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from shards.errors import UserError
-from shards.manifest import Layout
+from shards.manifest import Layout, Manifest
 
 
 def _splits(value: str) -> tuple[str, ...]:
@@ -136,27 +136,84 @@ def build_shards(
 @click.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--decode", is_flag=True, help="Also decode every image and check its size.")
-def verify(directory, decode):
-    """Check a shard directory against its manifest (sizes, sha256, index files).
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Rebuild the shards that fail from --src, byte-identical to a clean build, "
+    "then verify again.",
+)
+@click.option(
+    "--src",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --repair: the raw ILSVRC that DIRECTORY was built from.",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Processes that check shards, and Ray workers that rebuild them (default: all cores).",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar (batch jobs).")
+def verify(directory, decode, repair, src, workers, no_progress):
+    """Check a shard directory against its manifest (sizes, sha256, index files, samples).
 
-    Exits 1 and lists what is wrong on any mismatch.
+    Exits 1 and lists what is wrong on any mismatch. With --repair --src SRC,
+    the failing shards are made again from SRC (refused if SRC is not what
+    DIRECTORY was built from), put in place, and the directory verified again.
     """
+    from shards.remote import read_manifest
+
+    if repair != (src is not None):
+        raise UserError(
+            "--repair and --src SRC go together: alexpipe verify DIR --repair --src SRC"
+        )
+    manifest = read_manifest(directory)
+    report = _checked(directory, manifest, decode, workers, not no_progress)
+    for problem in report.problems:
+        click.echo(f"FAIL {problem}", err=True)
+    if report.failing_shards and repair:
+        from pipeline.build.repair import RepairConfig, repair_shards
+
+        config = RepairConfig(shards_dir=directory, src=src, workers=workers)
+        for name in repair_shards(config, report):
+            click.echo(f"rebuilt {name}")
+        report = _checked(directory, manifest, decode, workers, not no_progress)
+        for problem in report.problems:
+            click.echo(f"FAIL {problem}", err=True)
+    if report.problems:
+        hint = ""
+        if report.failing_shards and not repair:
+            hint = (
+                f"; to rebuild the failing shards: alexpipe verify {directory} --repair --src SRC"
+            )
+        raise UserError(f"{len(report.problems)} problem(s) in {directory}{hint}")
+    click.echo(f"OK {directory}")
+
+
+def _checked(directory: Path, manifest: Manifest, decode: bool, workers, progress: bool):
+    """``verify_directory`` with a progress bar in bytes."""
     from tqdm import tqdm
 
-    from shards.remote import read_manifest
-    from shards.verify import verify_shards
+    from shards.verify import verify_directory
 
-    manifest = read_manifest(directory)
-    total = len(manifest.every_shard())
-    with tqdm(total=total, unit="shard", desc="verify", dynamic_ncols=True) as bar:
-        problems = verify_shards(
-            directory, decode=decode, progress=lambda _name: bar.update(), manifest=manifest
+    sizes = {info.file: info.bytes for info in manifest.every_shard()}
+    with tqdm(
+        total=sum(sizes.values()),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="verify",
+        dynamic_ncols=True,
+        disable=not progress,
+    ) as bar:
+        return verify_directory(
+            directory,
+            decode=decode,
+            progress=lambda name: bar.update(sizes[name]),
+            manifest=manifest,
+            workers=workers,
         )
-    if problems:
-        for problem in problems:
-            click.echo(f"FAIL {problem}", err=True)
-        raise UserError(f"{len(problems)} problem(s) in {directory}")
-    click.echo(f"OK {directory}")
 
 
 @click.command()

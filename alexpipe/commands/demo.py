@@ -21,7 +21,13 @@ import click
     type=click.Choice(["dali", "torch"]),
     help="Loader backend.",
 )
-def demo(workdir: Path, epochs: int, backend: str) -> None:
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    help="Seed of the sample, the build and the training (another seed: another --workdir).",
+)
+def demo(workdir: Path, epochs: int, backend: str, seed: int) -> None:
     """Run the whole pipeline on a built-in ILSVRC-like sample, on CPU.
 
     Takes a few minutes on 2 cores and ends with the val error of the
@@ -29,7 +35,8 @@ def demo(workdir: Path, epochs: int, backend: str) -> None:
     """
     from alexpipe.demo import DemoConfig, run_demo
 
-    result = run_demo(DemoConfig(workdir=workdir, epochs=epochs, backend=backend), say=click.echo)
+    config = DemoConfig(workdir=workdir, epochs=epochs, backend=backend, seed=seed)
+    result = run_demo(config, say=click.echo)
     click.echo(
         f"\nval error with ten-crop: top-1 {result.top1_err:.1%}, top-5 {result.top5_err:.1%} "
         f"(chance top-1 {result.chance_top1_err:.1%}); {result.seconds / 60:.1f} min in all"

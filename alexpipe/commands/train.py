@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
-from pipeline.load.interface import Backend, Device
+from pipeline.load.interface import Backend, Device, OnBadSample
 from shards.errors import UserError
 
 BACKENDS = [backend.value for backend in Backend]
 DEVICES = [device.value for device in Device]
+BAD_SAMPLE_POLICIES = [policy.value for policy in OnBadSample]
 SHARDS_HELP = "Shard directory, or http(s)://, s3:// or pipe:COMMAND (staged through a cache)."
 CACHE_DIR_HELP = "Local directory for remote shards (default: a temporary one)."
 CACHE_SIZE_HELP = "Size limit of that cache, e.g. 50G (default: twice the minimum)."
@@ -21,7 +23,12 @@ CACHE_SIZE_HELP = "Size limit of that cache, e.g. 50G (default: twice the minimu
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Run directory.")
 @click.option("--epochs", default=90, show_default=True)
 @click.option("--batch-size", default=128, show_default=True, help="Global batch size.")
-@click.option("--lr", default=0.01, show_default=True)
+@click.option(
+    "--lr",
+    type=float,
+    help="Learning rate. Default: the paper's per-sample rate, 0.01 x global batch / 128 "
+    "(0.0025 at 32, 0.08 at 1024); the value used is in RUN/config.json.",
+)
 @click.option("--device", type=click.Choice(DEVICES), help="Default: cuda if available.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="dali", show_default=True)
 @click.option("--parallel", type=click.Choice(["ddp", "columns"]), default="ddp", show_default=True)
@@ -49,14 +56,26 @@ CACHE_SIZE_HELP = "Size limit of that cache, e.g. 50G (default: twice the minimu
     help=CACHE_DIR_HELP + " Each process uses CACHE_DIR/rank-N.",
 )
 @click.option("--cache-size", help=CACHE_SIZE_HELP + " Split among a node's processes.")
+@click.option(
+    "--on-bad-sample",
+    type=click.Choice(BAD_SAMPLE_POLICIES),
+    default="stop",
+    show_default=True,
+    help="A sample that does not decode: stop with one line naming it, or skip it "
+    "(a row of metrics.jsonl per skip).",
+)
 def train(compile_model: bool, device: str | None, **options) -> None:
     """Train AlexNet on a shard directory (the paper's recipe by default)."""
     from trainer.config import TrainConfig, default_device
+    from trainer.metrics import METRICS_NAME, skipped_summary
     from trainer.run import train as run_training
 
     config = TrainConfig(device=device or default_device(), compile=compile_model, **options)
     resolved = run_training(config)
     click.echo(f"run directory: {resolved.out_dir} (config.json, checkpoint.pt, metrics.jsonl)")
+    summary = skipped_summary(Path(resolved.out_dir) / METRICS_NAME, resolved.shards_dir)
+    if summary:
+        click.echo(summary)
 
 
 @click.command("eval")

@@ -1,5 +1,5 @@
 """Write a :class:`SamplePlan` to disk in one of the three ImageNet layouts
-(SPEC §3): ``folder`` (ImageFolder after valprep.sh), ``tars`` (the official
+(docs/format.md): ``folder`` (ImageFolder after valprep.sh), ``tars`` (the official
 archives) and ``kaggle`` (the Kaggle ILSVRC download).
 
 Each image's bytes depend only on its (split, key), so the three layouts hold

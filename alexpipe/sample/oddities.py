@@ -3,7 +3,7 @@
 Real ILSVRC-2012 train holds CMYK JPEGs, a PNG named .JPEG, grayscale and
 progressive JPEGs, EXIF-rotated photos; broken downloads add truncated and
 empty files. ``--odd-files`` adds one of each kind so a build can be tested on
-all of them. :data:`REJECTED_KINDS` are the ones a build must reject (SPEC §4);
+all of them. :data:`REJECTED_KINDS` are the ones a build must reject (docs/format.md);
 the others must be decoded by content and converted to RGB.
 """
 

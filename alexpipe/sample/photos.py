@@ -10,9 +10,17 @@ sized.
   long side of 200..499 px, 8 % of 501..2400 px (about 3 % over 1000 px);
   four in five are landscape. The median is 500×375, as in ILSVRC-2012.
 - Content: a random window of the class's photograph (half to all of its
-  extent, never mirrored across classes), resampled with Lanczos.
+  extent, never mirrored across classes), resampled with Lanczos. Where the
+  photograph is large enough the window has at least as many pixels as the
+  output, so it is shrunk, never enlarged: ImageNet's files are cameras'
+  photographs scaled down, and an enlarged window is smoother (a smaller,
+  faster-decoding JPEG) than any of them.
 - 2 % are stored grayscale (mode L), as 2 % of ImageNet is.
-- JPEG quality 90..98, 4:2:0: Flickr's range.
+- JPEG quality 95..100, 4:2:0. The bundled photographs are smoother than a
+  camera's, so at Flickr's usual 90..98 their files come out at ~65 KB where
+  ImageNet's average 108 KB (138 GB / 1.28 M); the entropy-coded bytes are what
+  the decoder's time follows, so the quality is set to give ImageNet's bytes:
+  a mean of ~109 KB, a median of ~94 KB (400 images).
 
 Each image is a pure function of (seed, split, index): the same call writes
 the same bytes.
@@ -90,10 +98,11 @@ def render_photo(
     width, height = size
     photo_width, photo_height = photo.size
     largest = min(photo_width, photo_height * width / height)  # window width at full extent
-    window_width = largest * rng.uniform(0.5, 1.0)
+    smallest = min(1.0, max(0.5, width / largest))  # no enlarging where the photo allows
+    window_width = largest * rng.uniform(smallest, 1.0)
     window_height = window_width * height / width
-    left = rng.uniform(0, photo_width - window_width)
-    top = rng.uniform(0, photo_height - window_height)
+    left = rng.uniform(0, max(0.0, photo_width - window_width))
+    top = rng.uniform(0, max(0.0, photo_height - window_height))
     box = (left, top, left + window_width, top + window_height)
     return photo.resize(size, Image.Resampling.LANCZOS, box=box)
 
@@ -105,7 +114,7 @@ def photo_jpeg(label: int, rng: np.random.Generator) -> bytes:
     if rng.random() < GRAYSCALE_FRACTION:
         image = image.convert("L")
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=int(rng.integers(90, 99)), subsampling=2)
+    image.save(buffer, "JPEG", quality=int(rng.integers(95, 101)), subsampling=2)
     return buffer.getvalue()
 
 
@@ -129,12 +138,32 @@ def wnid_of(label: int) -> str:
     return f"n{label + 1:08d}"
 
 
+def photo_path(out: Path, split: str, position: int, num_classes: int) -> Path:
+    """Where :func:`write_photo_folder` puts image ``position`` of ``split``.
+
+    Positions go round the classes (label ``position % num_classes``), so the
+    first ``n`` positions of a split are an ``n``-image folder of their own.
+    """
+    label, number = position % num_classes, position // num_classes
+    wnid = wnid_of(label)
+    name = f"{wnid}_{number}" if split == "train" else f"ILSVRC2012_val_{position + 1:08d}"
+    return Path(out) / split / wnid / f"{name}.JPEG"
+
+
+def _write_photo(job: tuple[Path, int, int, str, int]) -> int:
+    path, label, seed, split, position = job
+    data = photo_jpeg(label, _rng(seed, split, position))
+    path.write_bytes(data)
+    return len(data)
+
+
 def write_photo_folder(
     out: Path,
     num_classes: int = 8,
     train_per_class: int = 40,
     val_per_class: int = 10,
     seed: int = 0,
+    workers: int = 1,
 ) -> PhotoFolder:
     """An ImageFolder tree of real photographs: ``out/train/<wnid>/<wnid>_<i>.JPEG`` and
     ``out/val/<wnid>/ILSVRC2012_val_<n>.JPEG`` (the folder layout build-shards reads).
@@ -142,24 +171,28 @@ def write_photo_folder(
     Class ``label`` is cut from photograph ``label % len(PHOTO_FILES)``, so up to
     ten classes are told apart by content; val images are other windows of
     the same photographs (held out, as ImageNet's val images are other
-    pictures of the same classes).
+    pictures of the same classes). ``workers`` processes share the work
+    (benchmark corpora of thousands of images); the bytes are the same.
     """
     if num_classes > len(PHOTO_FILES):
         raise UserError(
             f"at most {len(PHOTO_FILES)} classes of real photographs, not {num_classes}"
         )
     out = Path(out)
-    total = 0
     counts = {}
+    jobs = []
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         for position in range(num_classes * per_class):
-            label, number = position % num_classes, position // num_classes
-            wnid = wnid_of(label)
-            name = f"{wnid}_{number}" if split == "train" else f"ILSVRC2012_val_{position + 1:08d}"
-            path = out / split / wnid / f"{name}.JPEG"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            data = photo_jpeg(label, _rng(seed, split, position))
-            path.write_bytes(data)
-            total += len(data)
+            path = photo_path(out, split, position, num_classes)
+            jobs.append((path, position % num_classes, seed, split, position))
         counts[split] = num_classes * per_class
+    for directory in sorted({job[0].parent for job in jobs}):
+        directory.mkdir(parents=True, exist_ok=True)
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            total = sum(pool.map(_write_photo, jobs, chunksize=32))
+    else:
+        total = sum(map(_write_photo, jobs))
     return PhotoFolder(out, num_classes, counts, total)

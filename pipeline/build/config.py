@@ -48,3 +48,35 @@ class BuildConfig:
             "exif_transpose": self.exif_transpose,
             "splits": list(self.splits),
         }
+
+    @classmethod
+    def from_settings(cls, settings: dict, src: Path, out: Path, **run) -> BuildConfig:
+        """The config whose ``output_settings`` are ``settings`` (a manifest's ``config``):
+        the build that made a shard directory, to make its shards again.
+
+        ``run``: how to run (workers, address, progress), which changes no byte.
+        """
+        return cls(
+            src=Path(src),
+            out=Path(out),
+            layout=settings["layout"],
+            size=settings["size"],
+            quality=settings["quality"],
+            resize=settings["resize"],
+            shard_size=settings["shard_size"],
+            seed=settings["seed"],
+            exif_transpose=settings["exif_transpose"],
+            splits=tuple(settings["splits"]),
+            **run,
+        )
+
+    def transform_config(self):
+        """The per-image settings every shard task gets (a ``TransformConfig``)."""
+        from pipeline.build.transform import TransformConfig
+
+        return TransformConfig(
+            size=self.size,
+            quality=self.quality,
+            resize=self.resize,
+            exif_transpose=self.exif_transpose,
+        )

@@ -169,7 +169,6 @@ def build_shards(config: BuildConfig) -> BuildSummary:
 
 def _build(config: BuildConfig) -> BuildSummary:
     from pipeline.build.sources import discover, resolve_layout
-    from pipeline.build.transform import TransformConfig
 
     started = time.perf_counter()
     layout = resolve_layout(config.src, config.layout)
@@ -184,12 +183,7 @@ def _build(config: BuildConfig) -> BuildSummary:
         remove_temporaries(out_dir)
         remove_temporaries(work_dir(out_dir))
         plans = plan_build(listing.items, config.shard_size, config.seed)
-        transform_config = TransformConfig(
-            size=config.size,
-            quality=config.quality,
-            resize=config.resize,
-            exif_transpose=config.exif_transpose,
-        )
+        transform_config = config.transform_config()
         records = {}
         remaining = []
         for plan in plans:

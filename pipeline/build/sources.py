@@ -1,6 +1,6 @@
 """What the inputs are: one sorted list of (split, key, wnid, label, how to read) per split.
 
-Three layouts of the same ILSVRC-2012 data are understood (SPEC §3):
+Three layouts of the same ILSVRC-2012 data are understood (docs/format.md):
 
 - ``folder``: ``SRC/{train,val}/<wnid>/*.JPEG`` (torchvision ImageFolder);
 - ``tars``: the official ``ILSVRC2012_img_{train,val}.tar`` read in place

@@ -12,6 +12,11 @@ remembers how many batches of the current epoch were handed out;
 "batches_consumed"}`` so a resumed run continues mid-epoch with the exact
 remaining batches. ``set_epoch(n)`` makes the next iteration epoch ``n``.
 
+Bad samples: a sample that does not decode goes to the loader's
+:class:`~pipeline.load.bad_samples.BadSamples` (:meth:`EpochLoader.bad_batch`),
+which stops the run with one line or skips the sample (``take_skipped`` says
+which were skipped).
+
 Remote shards: ``cache`` (:class:`~shards.cache.ShardCache`) is where the
 reader's files are staged, on its first read of each; each epoch asks it to
 prefetch in the order the epoch reads them. None for local shards.
@@ -25,8 +30,9 @@ from dataclasses import dataclass
 
 from pipeline.load.augment import AugmentDraws, AugmentSpec
 from pipeline.load.augment import draw_augmentation as paper_draws
+from pipeline.load.bad_samples import AllSamplesBadError, BadSample, BadSamples, no_sample_left
 from pipeline.load.epochs import DEFAULT_SHUFFLE_WINDOW, EpochPlan, num_batches, plan_epoch
-from pipeline.load.interface import Device
+from pipeline.load.interface import Device, OnBadSample
 from pipeline.load.samples import SampleReader, SplitTable
 from pipeline.load.staging import first_reads
 from shards.cache import ShardCache
@@ -49,6 +55,7 @@ class LoaderConfig:
     ten_crop: bool = False
     with_index: bool = False
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW
+    on_bad_sample: OnBadSample = OnBadSample.STOP
 
     @property
     def is_train(self) -> bool:
@@ -79,12 +86,15 @@ class EpochLoader:
         config: LoaderConfig,
         draw: DrawFunction = paper_draws,
         cache: ShardCache | None = None,
+        *,
+        bad_samples: BadSamples | None = None,
     ):
         self.table = table
         self.spec = spec
         self.config = config
         self.cache = cache
         self._draw = draw
+        self.bad_samples = bad_samples or BadSamples(config.on_bad_sample)
         self._length = num_batches(table.num_samples, config.batch_size, config.world_size)
         self._epoch = 0
         self._consumed = 0
@@ -162,6 +172,20 @@ class EpochLoader:
         reader = SampleReader(self.table, with_index=self.config.with_index, cache=self.cache)
         self._readers.append(reader)
         return reader
+
+    def take_skipped(self) -> list[BadSample]:
+        """The samples skipped (``on_bad_sample="skip"``) since the last call, in the order
+        their batches were handed out; each was left out of the batch it belonged to."""
+        return self.bad_samples.take_skipped()
+
+    def bad_batch(self, batch_number: int, bad: list[BadSample], left: int) -> None:
+        """Hand the ``bad`` samples of batch ``batch_number`` to the policy: it raises to
+        stop; it returns when the batch goes on without them (``left`` samples remain)."""
+        for sample in bad:
+            self.bad_samples(sample, self.table.paths[int(self.table.shard[sample.position])])
+        if not left:
+            message = no_sample_left(batch_number, self.config.rank, bad, self.bad_samples.location)
+            raise AllSamplesBadError(message)
 
     def close(self) -> None:
         """Stop the epoch in progress, close the shard files and let go of the shard

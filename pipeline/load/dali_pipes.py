@@ -39,7 +39,7 @@ Remote shards: the feeder's sample reader stages each shard on its first read
 
 from __future__ import annotations
 
-import sys
+import itertools
 
 import numpy as np
 import nvidia.dali.fn as fn
@@ -68,9 +68,21 @@ class BatchFeeder:
         self._batches = iter(())
         self._draws = None
 
-    def start(self, plan: EpochPlan, first_batch: int, draws) -> None:
-        """Feed batches ``first_batch..`` of ``plan`` (with ``draws`` for train) from now on."""
-        self._batches = (plan.batch(number) for number in range(first_batch, plan.num_batches))
+    def start(
+        self,
+        plan: EpochPlan,
+        first_batch: int,
+        draws,
+        first_positions: np.ndarray | None = None,
+    ) -> None:
+        """Feed batches ``first_batch..`` of ``plan`` (with ``draws`` for train) from now on;
+        ``first_positions``, if given, are fed as
+        batch ``first_batch`` instead of the plan's (a failed batch without its bad samples)."""
+        batches = ((number, plan.batch(number)) for number in range(first_batch, plan.num_batches))
+        if first_positions is not None:
+            next(batches, None)
+            batches = itertools.chain([(first_batch, first_positions)], batches)
+        self._batches = batches
         self._draws = draws
 
     def stop(self) -> None:
@@ -78,7 +90,12 @@ class BatchFeeder:
         self._batches = iter(())
 
     def __call__(self):
-        positions = next(self._batches)  # StopIteration: the epoch is over
+        number, positions = next(self._batches)  # StopIteration: the epoch is over
+        return self.inputs(positions)
+
+    def inputs(self, positions: np.ndarray) -> tuple:
+        """The external source's outputs for the samples at ``positions``: JPEG bytes,
+        labels, indices, and for train their crop, flip and lighting draws."""
         samples = [self.reader.read(int(position)) for position in positions]
         jpegs = [jpg for jpg, _, _ in samples]
         labels = np.array([label for _, label, _ in samples], dtype=np.int64)
@@ -91,6 +108,26 @@ class BatchFeeder:
         mirror = draws.flip[positions].astype(np.int32)
         shift = channel_shift(draws.alpha[positions], self.spec)
         return jpegs, labels, indices, crop_x, crop_y, mirror, shift
+
+
+class SampleSource:
+    """The external source of a probe pipeline: the inputs set before each run."""
+
+    def __init__(self):
+        self.inputs: tuple | None = None
+
+    def __call__(self) -> tuple:
+        return self.inputs
+
+
+def dali_error_reason(error: Exception) -> str:
+    """The words of a DALI pipeline error after "encountered:" (e.g. ``nvImageCodec
+    failure: '#4'``), without the operator's traceback and "no longer valid"."""
+    text = str(error)
+    _, found, after = text.rpartition("encountered:")
+    lines = [line.strip() for line in (after if found else text).splitlines()]
+    words = [line for line in lines if line and "pipeline object is no longer valid" not in line]
+    return words[0] if words else type(error).__name__
 
 
 def normalize(images, spec: AugmentSpec, device: str, shift=None, mirror=0, crop_at=None):
@@ -191,43 +228,111 @@ def decode_only_pipeline(feeder, **pipeline_arguments):
 
 
 class DaliLoader(EpochLoader):
-    """The loader on DALI; the pipeline is built once and reused every epoch."""
+    """The loader on DALI; the pipeline is built once and reused every epoch.
 
-    def __init__(self, table, spec, config, draw, cache=None):
-        super().__init__(table, spec, config, draw, cache)
+    A batch that fails in the pipeline (DALI raises it from ``next()``, with
+    the decoder's words, and calls the pipeline "no longer valid") is decoded
+    again sample by sample through a probe: the same pipeline at batch size 1,
+    fed each sample with its own draws. The samples that fail there go to the
+    loader's bad-sample policy, which stops the run or skips them; when it
+    skips, a new pipeline continues the epoch at the failed batch, without
+    them. If every sample passes alone, the pipeline's error is raised as it
+    is. None of this runs on a batch that does not fail.
+    """
+
+    def __init__(self, table, spec, config, draw, cache=None, **options):
+        super().__init__(table, spec, config, draw, cache, **options)
         self._feeder = BatchFeeder(self.reader(), spec, config.is_train)
-        device = "gpu" if config.device is Device.CUDA else "cpu"
+        self._device = "gpu" if config.device is Device.CUDA else "cpu"
+        self._start_pipeline()
+
+    def _make_pipeline(self, source, batch_size: int, prefetch_queue_depth: int, num_threads: int):
+        """This loader's train or val pipeline over ``source`` (built on first use)."""
+        config = self.config
         arguments = {
-            "batch_size": config.batch_size,
-            "num_threads": max(1, config.num_threads),
+            "batch_size": batch_size,
+            "num_threads": num_threads,
             "device_id": self.torch_device.index,  # None on the CPU
-            "prefetch_queue_depth": PREFETCH_QUEUE_DEPTH,
+            "prefetch_queue_depth": prefetch_queue_depth,
             "seed": config.seed,
         }
         if config.is_train:
-            pipeline = train_pipeline(self._feeder, spec, device, **arguments)
-        else:
-            pipeline = val_pipeline(self._feeder, spec, device, config.ten_crop, **arguments)
-        # Builds the pipeline; the first batch waits for an epoch's plan in the feeder.
+            return train_pipeline(source, self.spec, self._device, **arguments)
+        return val_pipeline(source, self.spec, self._device, config.ten_crop, **arguments)
+
+    def _start_pipeline(self) -> None:
+        """A new pipeline and DALI iterator over the feeder (the first batch waits for an
+        epoch's plan in the feeder)."""
+        self._batches = self._pipeline = None  # a failed pipeline goes first
+        config = self.config
+        pipeline = self._make_pipeline(
+            self._feeder, config.batch_size, PREFETCH_QUEUE_DEPTH, max(1, config.num_threads)
+        )
         self._batches = DALIGenericIterator(pipeline, list(OUTPUT_NAMES), prepare_first_batch=False)
         self._pipeline = pipeline
         self._ended = False  # the pipeline has run out of an epoch and needs a reset
+        self._failed = False  # the pipeline raised an error: replace it before further use
 
     def _run(self, plan: EpochPlan, first_batch: int, draws):
         self._feeder.start(plan, first_batch, draws)
-        if self._ended:
+        if self._failed:
+            self._start_pipeline()
+        elif self._ended:
             # Only now: reset() already schedules the first runs, which read from the feeder.
             self._batches.reset()
             self._ended = False
+        number, retried = first_batch, None
         try:
-            while (outputs := self._next_batch()) is not None:
+            while True:
+                try:
+                    outputs = self._next_batch()
+                except Exception as error:  # how DALI reports a batch that failed in it
+                    self._failed = True
+                    if retried == number:
+                        raise  # the batch failed again without its bad samples
+                    retried = number
+                    self._skip_bad_samples(error, plan, number, draws)
+                    continue
+                if outputs is None:
+                    break
                 yield tuple(outputs[name] for name in OUTPUT_NAMES)
+                number += 1
         finally:
-            if not self._ended:
+            if not self._ended and not self._failed:
                 # Abandoned: run out what was prefetched (the feeder stopped: at most the queue
                 # depth) so that none of it leaks into the next epoch.
                 self._feeder.stop()
                 self._drain()
+
+    def _skip_bad_samples(self, error: Exception, plan: EpochPlan, number: int, draws):
+        """After batch ``number`` failed with ``error``: find its bad samples, hand them to
+        the policy (which raises to stop), and continue the epoch on a new pipeline at
+        that batch without them. Raises ``error`` if no sample fails alone."""
+        positions = plan.batch(number)
+        bad = self._probe(positions)
+        if not bad:
+            raise error
+        self.bad_batch(number, bad, left=len(positions) - len(bad))
+        remaining = positions[~np.isin(positions, [sample.position for sample in bad])]
+        self._feeder.start(plan, number, draws, first_positions=remaining)
+        self._start_pipeline()
+
+    def _probe(self, positions: np.ndarray) -> list:
+        """The samples at ``positions`` that fail this loader's pipeline alone, as
+        :class:`~pipeline.load.bad_samples.BadSample` (with the feeder's draws)."""
+        source, probe, bad = SampleSource(), None, []
+        for position in positions:
+            if probe is None:
+                probe = self._make_pipeline(source, 1, prefetch_queue_depth=1, num_threads=1)
+                probe.build()
+            source.inputs = self._feeder.inputs(positions[positions == position])
+            try:
+                probe.run()
+            except Exception as error:  # this sample's failure, in DALI's words
+                reason = dali_error_reason(error)
+                bad.append(self._feeder.reader.describe(int(position), reason))
+                probe = None  # "no longer valid": the next sample gets a new one
+        return bad
 
     def _next_batch(self) -> dict[str, torch.Tensor] | None:
         """The next batch of the epoch, or None (and the pipeline marked as ended) after it.
@@ -242,14 +347,17 @@ class DaliLoader(EpochLoader):
         return outputs
 
     def _drain(self) -> None:
+        """Run out the batches an abandoned epoch prefetched, for nothing.
+
+        One that fails here (a bad sample ahead, or DALI's backend gone at
+        interpreter exit) marks the pipeline for replacement instead of
+        raising: an error from here would replace the one that ended the epoch.
+        """
         try:
             while self._next_batch() is not None:
                 pass
         except Exception:
-            # A generator finalized at interpreter exit can outlive DALI's backend.
-            if sys.is_finalizing():
-                return
-            raise
+            self._failed = True
 
     def close(self) -> None:
         """Also shut the DALI pipeline down (its threads and buffers, freed with the last

@@ -28,6 +28,14 @@ class Device(str, Enum):
 DEVICE_ALIASES = {"gpu": Device.CUDA}  # DALI's word for it
 
 
+class OnBadSample(str, Enum):
+    """What a loader does with a sample that does not decode: stop with one line naming
+    it, or skip it, go on, and report it (:mod:`pipeline.load.bad_samples`)."""
+
+    STOP = "stop"
+    SKIP = "skip"
+
+
 def parse_device(name: str | Device) -> Device:
     """``"cpu"`` or ``"cuda"`` (``"gpu"`` is accepted as an alias) as a :class:`Device`."""
     try:
@@ -43,6 +51,15 @@ def parse_backend(name: str | Backend) -> Backend:
     except ValueError:
         choices = ", ".join(backend.value for backend in Backend)
         raise UserError(f"unknown loader backend {name!r} (choose from {choices})") from None
+
+
+def parse_on_bad_sample(name: str | OnBadSample) -> OnBadSample:
+    """``"stop"`` or ``"skip"`` as an :class:`OnBadSample`."""
+    try:
+        return OnBadSample(name)
+    except ValueError:
+        choices = ", ".join(policy.value for policy in OnBadSample)
+        raise UserError(f"unknown bad-sample policy {name!r} (choose from {choices})") from None
 
 
 @runtime_checkable
@@ -67,3 +84,10 @@ class ResumableLoader(Loader, Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+@runtime_checkable
+class SkippingLoader(Protocol):
+    """A loader that can skip samples that do not decode, and tells which it skipped."""
+
+    def take_skipped(self) -> list: ...

@@ -18,9 +18,17 @@ from pathlib import Path
 from pipeline.load.augment import AugmentSpec, Normalize
 from pipeline.load.augment import draw_augmentation as paper_draws
 from pipeline.load.augment import spec_from_stats as _spec_from_stats
+from pipeline.load.bad_samples import BadSamples
 from pipeline.load.base import DrawFunction, EpochLoader, LoaderConfig
 from pipeline.load.epochs import DEFAULT_SHUFFLE_WINDOW
-from pipeline.load.interface import Backend, Device, parse_backend, parse_device
+from pipeline.load.interface import (
+    Backend,
+    Device,
+    OnBadSample,
+    parse_backend,
+    parse_device,
+    parse_on_bad_sample,
+)
 from pipeline.load.samples import load_split_table
 from pipeline.load.staging import open_remote_split, stretch_in_use
 from shards.errors import UserError
@@ -70,6 +78,7 @@ def create_loader(
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
     cache_dir: str | Path | None = None,
     cache_bytes: int | None = None,
+    on_bad_sample: str | OnBadSample = OnBadSample.STOP,
 ) -> EpochLoader:
     """A loader over ``split`` of a shard directory or location.
 
@@ -91,8 +100,14 @@ def create_loader(
     minimum; a limit under the minimum (the shards that the shuffle window and
     the batches in flight can span) is a UserError that says the minimum. Both
     are ignored for a local directory.
+
+    ``on_bad_sample``: a sample that does not decode stops the loader with a
+    one-line UserError naming it (``"stop"``), or is left out of its batch
+    and reported by ``loader.take_skipped()`` (``"skip"``); see
+    :mod:`pipeline.load.bad_samples`.
     """
     backend, device = parse_backend(backend), parse_device(device)
+    on_bad_sample = parse_on_bad_sample(on_bad_sample)
     if normalize not in {mode.value for mode in Normalize}:
         raise UserError(f"unknown normalization {normalize!r} (choose from paper, channel)")
     if ten_crop and split == "train":
@@ -119,6 +134,7 @@ def create_loader(
         ten_crop=ten_crop,
         with_index=with_index,
         shuffle_window=shuffle_window,
+        on_bad_sample=on_bad_sample,
     )
     source = open_source(shards_dir if isinstance(shards_dir, Path) else str(shards_dir))
     local = isinstance(source, LocalSource)
@@ -142,8 +158,10 @@ def create_loader(
         )
         table, cache = open_remote_split(source, manifest, split, cache_dir, cache_bytes, stretch)
     draw = draw_augmentation or paper_draws
+    # The advice names the location as given (what the user typed, for verify to take).
+    bad_samples = BadSamples(on_bad_sample, manifest.split(split).shards, str(shards_dir))
     try:
-        return loader_class(table, spec, config, draw, cache)
+        return loader_class(table, spec, config, draw, cache, bad_samples=bad_samples)
     except BaseException:
         if cache is not None:
             cache.close()

@@ -12,15 +12,17 @@ from __future__ import annotations
 import collections
 import json
 import os
+import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.load.bad_samples import BadSample
 from shards.cache import ShardCache
 from shards.errors import UserError
-from shards.index import INDEX_VERSION, TAR_BLOCK_SIZE, IndexFormatError, parse_index
+from shards.index import INDEX_VERSION, TAR_BLOCK_SIZE, IndexFormatError, parse_index, split_name
 from shards.manifest import Manifest
 
 MAX_OPEN_SHARDS = 64
@@ -232,6 +234,27 @@ class SampleReader:
             meta = json.loads(data[json_at : json_at + int(table.json_size[position])])
             index = int(meta.get("index", position))
         return jpg, label, index
+
+    def describe(self, position: int, reason: str) -> BadSample:
+        """The sample at ``position`` as a :class:`BadSample` that does not decode for
+        ``reason``: its shard, its key (from the tar header before its first member) and
+        its index (KEY.json), read again, on the failure path only."""
+        table = self.table
+        shard, start = int(table.shard[position]), int(table.start[position])
+        try:
+            header = self._pread(shard, TAR_BLOCK_SIZE, start - TAR_BLOCK_SIZE)
+            key = split_name(tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape").name)[0]
+        except (tarfile.TarError, ValueError):
+            key = "?"  # the header is damaged too; the shard and index still name the sample
+        index = int(position)
+        json_at = int(table.json_at[position])
+        if json_at >= 0:
+            data = self._pread(shard, int(table.json_size[position]), start + json_at)
+            try:
+                index = int(json.loads(data).get("index", position))
+            except (ValueError, TypeError, AttributeError):
+                pass
+        return BadSample(table.paths[shard].name, key, index, int(position), reason)
 
     def close(self) -> None:
         while self._files:

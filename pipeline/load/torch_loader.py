@@ -7,6 +7,11 @@ per-sample draws, so the two backends differ only by their JPEG decoders.
 ``num_threads`` becomes the number of DataLoader worker processes (0: decode
 in the calling process).
 
+A sample PIL cannot decode does not fail its batch in the worker: it comes
+back in its place as a :class:`BadSample`, the batch is collated without it
+(:func:`collate_decoded`), and the loader's policy decides, in the main
+process, whether the run stops or goes on without it.
+
 Remote shards: the workers' sample readers stage each shard on its first read
 into the same verified cache DALI reads (``pipeline.load.staging``); the cache
 lives in its directory, so the workers and the main process share it.
@@ -16,13 +21,15 @@ from __future__ import annotations
 
 import gc
 import io
+import re
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipeline.load.augment import AugmentSpec, train_reference, val_reference
+from pipeline.load.bad_samples import BadSample
 from pipeline.load.base import EpochLoader, LoaderConfig
 from pipeline.load.epochs import EpochPlan
 from pipeline.load.samples import SampleReader
@@ -37,6 +44,11 @@ def decode_rgb(jpeg: np.ndarray | bytes) -> np.ndarray:
     """JPEG bytes -> uint8 H×W×3 RGB with PIL."""
     with Image.open(io.BytesIO(bytes(jpeg))) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def decode_failure(error: Exception) -> str:
+    """PIL's words for a JPEG it cannot decode, without the repr of our in-memory file."""
+    return f"PIL: {re.sub(r' <[^>]*>', '', str(error)) or type(error).__name__}"
 
 
 class ReferenceSamples(Dataset):
@@ -55,14 +67,28 @@ class ReferenceSamples(Dataset):
         return self.reader.table.num_samples
 
     def __getitem__(self, work):
+        position = work[0] if isinstance(work, tuple) else work
+        jpeg, label, index = self.reader.read(position)
+        try:
+            pixels = decode_rgb(jpeg)
+        except Exception as error:  # PIL raises many types for bad data
+            return self.reader.describe(position, decode_failure(error))
         if isinstance(work, tuple):
-            position, offset_x, offset_y, flip, alpha = work
-            jpeg, label, index = self.reader.read(position)
-            image = train_reference(decode_rgb(jpeg), offset_x, offset_y, flip, alpha, self.spec)
+            _, offset_x, offset_y, flip, alpha = work
+            image = train_reference(pixels, offset_x, offset_y, flip, alpha, self.spec)
         else:
-            jpeg, label, index = self.reader.read(work)
-            image = val_reference(decode_rgb(jpeg), self.spec, self.ten_crop)
+            image = val_reference(pixels, self.spec, self.ten_crop)
         return torch.from_numpy(image), label, index
+
+
+def collate_decoded(samples: list) -> tuple:
+    """``(images, labels, indices, bad samples)`` of a batch: the samples that decoded,
+    collated as torch does, and the :class:`BadSample` of each one that did not."""
+    bad = [sample for sample in samples if isinstance(sample, BadSample)]
+    if not bad:
+        return (*default_collate(samples), bad)
+    decoded = [sample for sample in samples if not isinstance(sample, BadSample)]
+    return (*default_collate(decoded), bad) if decoded else (None, None, None, bad)
 
 
 def batch_work(plan: EpochPlan, number: int, draws) -> list:
@@ -90,8 +116,8 @@ def batch_work(plan: EpochPlan, number: int, draws) -> list:
 class TorchLoader(EpochLoader):
     """The loader on torch.utils.data.DataLoader + PIL."""
 
-    def __init__(self, table, spec, config, draw, cache=None):
-        super().__init__(table, spec, config, draw, cache)
+    def __init__(self, table, spec, config, draw, cache=None, **options):
+        super().__init__(table, spec, config, draw, cache, **options)
         self._dataset = ReferenceSamples(self.reader(), spec, config.ten_crop)
 
     @staticmethod
@@ -113,9 +139,12 @@ class TorchLoader(EpochLoader):
             num_workers=workers,
             prefetch_factor=PREFETCH_FACTOR if workers else None,
             pin_memory=self.torch_device.type == "cuda",
+            collate_fn=collate_decoded,
         )
         try:
-            for batch in batches:
+            for number, (*batch, bad) in enumerate(batches, start=first_batch):
+                if bad:
+                    self.bad_batch(number, bad, left=0 if batch[0] is None else len(batch[1]))
                 # From pinned memory, asynchronous: no wait for the GPU inside next(loader).
                 yield tuple(part.to(self.torch_device, non_blocking=True) for part in batch)
         except UserError as error:
