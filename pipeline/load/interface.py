@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from enum import Enum
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from shards.errors import UserError
+
+E = TypeVar("E", bound=Enum)
 
 
 class Backend(str, Enum):
@@ -36,30 +38,29 @@ class OnBadSample(str, Enum):
     SKIP = "skip"
 
 
+def parse_choice(kind: type[E], name: str | E, what: str, aliases: dict | None = None) -> E:
+    """``name`` as a member of the enum ``kind`` (or one of its ``aliases``); anything
+    else is a one-line UserError naming ``what`` and the choices."""
+    try:
+        return (aliases or {}).get(name) or kind(name)
+    except ValueError:
+        choices = ", ".join(member.value for member in kind)
+        raise UserError(f"unknown {what} {name!r} (choose from {choices})") from None
+
+
 def parse_device(name: str | Device) -> Device:
     """``"cpu"`` or ``"cuda"`` (``"gpu"`` is accepted as an alias) as a :class:`Device`."""
-    try:
-        return DEVICE_ALIASES.get(name) or Device(name)
-    except ValueError:
-        raise UserError(f"unknown device {name!r} (choose from cpu, cuda)") from None
+    return parse_choice(Device, name, "device", DEVICE_ALIASES)
 
 
 def parse_backend(name: str | Backend) -> Backend:
     """``"dali"`` or ``"torch"`` as a :class:`Backend`."""
-    try:
-        return Backend(name)
-    except ValueError:
-        choices = ", ".join(backend.value for backend in Backend)
-        raise UserError(f"unknown loader backend {name!r} (choose from {choices})") from None
+    return parse_choice(Backend, name, "loader backend")
 
 
 def parse_on_bad_sample(name: str | OnBadSample) -> OnBadSample:
     """``"stop"`` or ``"skip"`` as an :class:`OnBadSample`."""
-    try:
-        return OnBadSample(name)
-    except ValueError:
-        choices = ", ".join(policy.value for policy in OnBadSample)
-        raise UserError(f"unknown bad-sample policy {name!r} (choose from {choices})") from None
+    return parse_choice(OnBadSample, name, "bad-sample policy")
 
 
 @runtime_checkable
