@@ -42,111 +42,19 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from process_tree import run_timed  # noqa: E402 (tools/, this script's directory)
+
 NUM_CLASSES = 10
 SHARD_SIZE = 500  # alexpipe's shards, the pool's tars and FFCV's chunks alike
 FFCV_PYTHON = ROOT / "tools" / "ffcv-venv" / "bin" / "python"
 ROWS = ("plain", "pool", "ffcv", "alexpipe")
-
-PLAIN_CONVERTER = r"""
-import io, sys, tarfile
-from pathlib import Path
-from PIL import Image
-src, out = Path(sys.argv[1]), Path(sys.argv[2])
-with tarfile.open(out, "w") as archive:
-    for path in sorted(src.rglob("*.JPEG")):
-        image = Image.open(path).convert("RGB")
-        width, height = image.size
-        scale = 256 / min(width, height)
-        size = (max(256, round(width * scale)), max(256, round(height * scale)))
-        image = image.resize(size, Image.BICUBIC)
-        left, top = (size[0] - 256) // 2, (size[1] - 256) // 2
-        image = image.crop((left, top, left + 256, top + 256))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=90)
-        info = tarfile.TarInfo(path.stem + ".jpg")
-        info.size = buffer.tell()
-        buffer.seek(0)
-        archive.addfile(info, buffer)
-"""
-
-POOL_CONVERTER = r"""
-import io, sys, tarfile
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
-from PIL import Image
-
-def convert(path):
-    image = Image.open(path)
-    image.draft("RGB", (256, 256))  # DCT scaling: both sides stay >= 256
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    image = image.resize((256, 256), Image.BILINEAR, box=(left, top, left + side, top + side))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer
-
-def chunk(job):
-    out, paths = job
-    with tarfile.open(out, "w") as archive:
-        for path in paths:
-            buffer = convert(path)
-            info = tarfile.TarInfo(Path(path).stem + ".jpg")
-            info.size = buffer.tell()
-            buffer.seek(0)
-            archive.addfile(info, buffer)
-    return len(paths)
-
-if __name__ == "__main__":
-    src, out = Path(sys.argv[1]), Path(sys.argv[2])
-    workers, size = int(sys.argv[3]), int(sys.argv[4])
-    out.mkdir(parents=True, exist_ok=True)
-    paths = sorted(str(path) for path in src.rglob("*.JPEG"))
-    jobs = [(out / f"{i:06d}.tar", paths[i : i + size]) for i in range(0, len(paths), size)]
-    with ProcessPoolExecutor(workers) as pool:
-        assert sum(pool.map(chunk, jobs)) == len(paths)
-"""
-
-FFCV_CONVERTER = r"""
-import sys
-from pathlib import Path
-from PIL import Image
-from ffcv.fields import IntField, RGBImageField
-from ffcv.writer import DatasetWriter
-
-class ImageFolder:
-    # torchvision's ImageFolder, which cannot be installed here: (PIL image, label)
-    def __init__(self, root):
-        classes = sorted(path.name for path in root.iterdir())
-        self.samples = [
-            (path, label) for label, name in enumerate(classes)
-            for path in sorted((root / name).glob("*.JPEG"))
-        ]
-    def __len__(self):
-        return len(self.samples)
-    def __getitem__(self, index):
-        path, label = self.samples[index]
-        with Image.open(path) as image:
-            return image.convert("RGB"), label
-
-src, out, workers, size = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-fields = {
-    "image": RGBImageField(write_mode="jpg", max_resolution=256, jpeg_quality=90),
-    "label": IntField(),
-}
-DatasetWriter(out, fields, num_workers=workers).from_indexed_dataset(
-    ImageFolder(src), chunksize=size
-)
-"""
+CONVERTERS = ROOT / "tools" / "converters"  # the baseline rows' scripts
 
 
 # -- the corpus --------------------------------------------------------------------
@@ -231,6 +139,7 @@ def kernel_stages(train: Path, work: Path, count: int = 200, rounds: int = 5) ->
     slows some rounds.
     """
     import numpy as np
+    from converters import pool as pool_converter  # tools/converters/pool.py
 
     from pipeline.build.plan import ShardPlan, plan_build
     from pipeline.build.shard_task import run_shard
@@ -243,8 +152,6 @@ def kernel_stages(train: Path, work: Path, count: int = 200, rounds: int = 5) ->
     plan = ShardPlan(**{**vars(plan), "samples": plan.samples[:count]})
     paths = [str(planned.item.location) for planned in plan.samples]
     datas = [Path(path).read_bytes() for path in paths]
-    pool_code: dict = {}
-    exec(compile(POOL_CONVERTER, "pool_converter", "exec"), pool_code)
     shard_dir = work / "out" / "stages"
     (shard_dir / "_work").mkdir(parents=True, exist_ok=True)
     config = TransformConfig()
@@ -255,7 +162,7 @@ def kernel_stages(train: Path, work: Path, count: int = 200, rounds: int = 5) ->
     per_shard = [plan]  # run_shard's time is divided by the plan's images below
     stages = {
         "pool_per_image_ms": (
-            lambda chunk: pool_code["chunk"]((str(shard_dir / "pool.tar"), chunk)),
+            lambda chunk: pool_converter.chunk((str(shard_dir / "pool.tar"), chunk)),
             [paths],
         ),
         "run_shard_per_image_ms": (lambda one: run_shard(one, config, shard_dir), per_shard),
@@ -286,140 +193,6 @@ def kernel_stages(train: Path, work: Path, count: int = 200, rounds: int = 5) ->
 
 
 # -- running one converter -----------------------------------------------------------
-
-
-def _process_tree(root_pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    tree, todo = [], [root_pid]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
-def _command(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-# Ray's processes by their executable or script (workers rename themselves ray::...).
-RAY_ROLES = {
-    "gcs_server": "ray gcs_server",
-    "raylet": "ray raylet",
-    "ray::DashboardAgent": "ray dashboard agent",
-    "dashboard/agent.py": "ray dashboard agent",
-    "ray::RuntimeEnvAgent": "ray runtime-env agent",
-    "runtime_env/agent/main.py": "ray runtime-env agent",
-    "dashboard/dashboard.py": "ray dashboard head",
-    "log_monitor.py": "ray log monitor",
-    "autoscaler/_private/monitor.py": "ray autoscaler monitor",
-    "default_worker.py": "ray worker",
-}
-
-
-def _role(pid: int, root_pid: int) -> str:
-    """What a process of the run is: the driver, a Ray daemon, a worker, ..."""
-    if pid == root_pid:
-        return "driver"
-    command = _command(pid)
-    if not command:
-        return "gone"
-    for word in command[:3]:
-        for ending, role in RAY_ROLES.items():
-            if word.endswith(ending) or word == ending:
-                return role
-        if word.startswith("ray::"):
-            return "ray worker"
-    if command == _command(root_pid):
-        return "driver's fork"
-    return os.path.basename(command[0])
-
-
-class TreeSampler(threading.Thread):
-    """Samples a process tree's RSS and CPU time (from /proc) until stopped.
-
-    CPU time per role is the sum of each process's last sample: up to
-    ``interval`` of a process's life before it exits is missed. (getrusage of
-    the reaped children would miss more: Ray's workers outlive their raylet.)
-    """
-
-    def __init__(self, root_pid: int, interval: float = 0.2):
-        super().__init__(daemon=True)
-        self.root_pid = root_pid
-        self.interval = interval
-        self.stopped = threading.Event()
-        self.peak_process_mb = 0.0
-        self.peak_tree_mb = 0.0
-        self.cpu_by_pid: dict[int, tuple[str, float]] = {}
-        self.peak_rss_by_role: dict[str, float] = {}  # the largest process of each role
-        self.ticks = os.sysconf("SC_CLK_TCK")
-        self.page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def run(self) -> None:
-        self.sample()
-        while not self.stopped.wait(self.interval):
-            self.sample()
-
-    def sample(self) -> None:
-        tree_mb = 0.0
-        for pid in _process_tree(self.root_pid):
-            try:
-                with open(f"/proc/{pid}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            rss_mb = int(fields[21]) * self.page_mb
-            tree_mb += rss_mb
-            self.peak_process_mb = max(self.peak_process_mb, rss_mb)
-            role = self.cpu_by_pid.get(pid, (None,))[0] or _role(pid, self.root_pid)
-            self.cpu_by_pid[pid] = (role, (int(fields[11]) + int(fields[12])) / self.ticks)
-            self.peak_rss_by_role[role] = max(self.peak_rss_by_role.get(role, 0.0), rss_mb)
-        self.peak_tree_mb = max(self.peak_tree_mb, tree_mb)
-
-    def cpu_by_role(self) -> dict[str, float]:
-        roles: dict[str, float] = {}
-        for role, seconds in self.cpu_by_pid.values():
-            roles[role] = round(roles.get(role, 0.0) + seconds, 2)
-        return roles
-
-
-def run_timed(command: list[str], environment: dict | None = None) -> dict:
-    """Run a converter to completion: wall seconds, CPU seconds, peak RSS."""
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    sampler = TreeSampler(process.pid)
-    sampler.start()
-    stdout, stderr = process.communicate()
-    seconds = time.perf_counter() - started
-    sampler.stopped.set()
-    sampler.join()
-    if process.returncode != 0:
-        raise RuntimeError(f"{command[:3]} failed ({process.returncode}): {stderr[-2000:]}")
-    return {
-        "seconds": round(seconds, 3),
-        "cpu_seconds": round(sum(sampler.cpu_by_role().values()), 2),
-        "peak_process_rss_mb": round(sampler.peak_process_mb, 1),
-        "peak_tree_rss_mb": round(sampler.peak_tree_mb, 1),
-        "cpu_by_role": sampler.cpu_by_role(),
-        "peak_rss_mb_by_role": {
-            role: round(mb, 1) for role, mb in sorted(sampler.peak_rss_by_role.items())
-        },
-    }
 
 
 def plain_pillow(work: Path) -> str | None:
@@ -467,14 +240,13 @@ def converters(args, work: Path, plain_path: str | None) -> dict:
 
     def plain(size, corpus):
         target = out_dir("plain", size)
-        command = [sys.executable, "-c", PLAIN_CONVERTER, str(corpus), str(target)]
+        command = [sys.executable, str(CONVERTERS / "plain_pillow.py"), str(corpus), str(target)]
         return run_timed(command, plain_env)
 
     def pool(size, corpus):
         target = out_dir("pool", size)
-        script = work / "pool_converter.py"  # a file: the pool's workers import __main__
-        script.write_text(POOL_CONVERTER)
-        command = [sys.executable, str(script), str(corpus), str(target), str(args.workers)]
+        command = [sys.executable, str(CONVERTERS / "pool.py"), str(corpus), str(target)]
+        command += [str(args.workers)]
         return run_timed(command + [str(SHARD_SIZE)], base)
 
     def ffcv(size, corpus):
@@ -482,8 +254,7 @@ def converters(args, work: Path, plain_path: str | None) -> dict:
         target.mkdir()
         command = [
             str(args.ffcv_python),
-            "-c",
-            FFCV_CONVERTER,
+            str(CONVERTERS / "ffcv_writer.py"),
             str(corpus),
             str(target / "data.beton"),
         ]
