@@ -399,20 +399,16 @@ def verify_directory(
     return report
 
 
-def verify_shards(
-    shards_dir: Path,
-    decode: bool = False,
-    progress: Callable[[str], None] | None = None,
-    manifest: Manifest | None = None,
-    workers: int | None = None,
-) -> list[str]:
+def verify_shards(shards_dir: Path, **options) -> list[str]:
     """Verify a shard directory; return its problems, one line each (empty = intact).
+    ``options`` are :func:`verify_directory`'s.
 
     Raises :class:`shards.errors.UserError` only when there is no usable
-    manifest to verify against. ``progress`` is called with each shard's
+    manifest to verify against. ``decode``: also decode every sample
+    strictly. ``progress`` is called with each shard's
     file name after it is checked, in manifest order. ``manifest``: the
     directory's manifest if the caller has loaded it already. ``workers``:
     processes checking shards (default: every core, or just this one for a
     small directory).
     """
-    return verify_directory(shards_dir, decode, progress, manifest, workers).problems
+    return verify_directory(shards_dir, **options).problems

@@ -77,6 +77,23 @@ def read_only_line(out: Path, disk: Path) -> str:
     )
 
 
+def refused(src: Path, out: Path, line: str) -> None:
+    """The build into ``out`` fails with exactly the one line ``line``."""
+    failed = build(src, out)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert failed.stderr == line
+
+
+def rebuilt(src: Path, out: Path, reference: dict[str, str]):
+    """The same command again finishes byte-identical to the clean build, with no
+    temporaries left; returns its result."""
+    rerun = build(src, out)
+    assert rerun.returncode == 0, rerun.stderr
+    assert hashes(out) == reference
+    assert temporaries(out) == [] and not (out / "_work").exists()
+    return rerun
+
+
 def temporaries(directory: Path) -> list[str]:
     return [path.name for path in directory.rglob("*") if is_temporary(path)]
 
@@ -98,12 +115,11 @@ def test_a_full_disk_is_one_line_and_the_rerun_after_freeing_space_is_identical(
     src, reference = source_and_reference
     with tmpfs(tmp_path / "disk", FULL_DISK_SIZE) as disk:
         out = disk / "shards"
-        failed = build(src, out)
-        assert failed.returncode == 1, failed.stdout + failed.stderr
-        assert failed.stderr == (
+        full = (
             f"alexpipe: error: the disk is full: no space left on {disk} for --out {out}; "
             "free some space and rerun the same command (finished shards are kept)\n"
         )
+        refused(src, out, full)
         assert not (out / "manifest.json").exists()
         assert temporaries(out) == []
         # Whatever is under a final name is complete: equal to the clean build's file.
@@ -115,17 +131,12 @@ def test_a_full_disk_is_one_line_and_the_rerun_after_freeing_space_is_identical(
         # Space freed, but the disk read-only for a while: refused, nothing changed.
         remount(disk, f"ro,size={ROOMY_SIZE}")
         before = hashes(out)
-        read_only = build(src, out)
-        assert read_only.returncode == 1, read_only.stdout + read_only.stderr
-        assert read_only.stderr == read_only_line(out, disk)
+        refused(src, out, read_only_line(out, disk))
         assert hashes(out) == before
 
         remount(disk, "rw")
-        rerun = build(src, out)
-        assert rerun.returncode == 0, rerun.stderr
+        rerun = rebuilt(src, out, reference)
         assert "0 shards kept from an earlier run" not in rerun.stdout, rerun.stdout
-        assert hashes(out) == reference
-        assert temporaries(out) == [] and not (out / "_work").exists()
 
 
 @pytest.mark.slow
@@ -136,16 +147,11 @@ def test_a_read_only_out_is_one_line_and_the_rerun_once_writable_is_identical(
     with tmpfs(tmp_path / "disk", ROOMY_SIZE) as disk:
         out = disk / "shards"
         remount(disk, "ro")
-        failed = build(src, out)
-        assert failed.returncode == 1, failed.stdout + failed.stderr
-        assert failed.stderr == read_only_line(out, disk)
+        refused(src, out, read_only_line(out, disk))
         assert not out.exists()
 
         remount(disk, "rw")
-        rerun = build(src, out)
-        assert rerun.returncode == 0, rerun.stderr
-        assert hashes(out) == reference
-        assert temporaries(out) == [] and not (out / "_work").exists()
+        rebuilt(src, out, reference)
 
 
 def test_an_atomic_write_on_a_full_disk_leaves_no_temporary(tmp_path):
