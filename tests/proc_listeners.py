@@ -14,25 +14,6 @@ from pathlib import Path
 LISTENING = "0A"
 
 
-def descendants(root: int) -> list[int]:
-    """``root`` and every process below it, by parent pid."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # ended meanwhile
-            continue
-        children.setdefault(parent, []).append(int(entry.name))
-    found, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        found.append(pid)
-        stack.extend(children.get(pid, []))
-    return found
-
-
 def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     try:

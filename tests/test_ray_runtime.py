@@ -93,7 +93,8 @@ def test_a_local_build_listens_on_loopback_only(tmp_path):
         from pipeline.build.config import BuildConfig
         from pipeline.build.job import build_shards
         from pipeline.build.ray_runtime import ray_session
-        from tests.proc_listeners import descendants, listening_addresses
+        from tests.proc_listeners import listening_addresses
+        from tools.process_tree import descendants
 
         root = Path({str(tmp_path)!r})
         sample = write_sample(

@@ -10,23 +10,24 @@ import threading
 import time
 
 
-def _process_tree(root_pid: int) -> list[int]:
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it, by parent pid (read from /proc)."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # ended meanwhile
             continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    tree, todo = [], [root_pid]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
+        children.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, []))
+    return found
 
 
 def _command(pid: int) -> list[str]:
@@ -97,7 +98,7 @@ class TreeSampler(threading.Thread):
 
     def sample(self) -> None:
         tree_mb = 0.0
-        for pid in _process_tree(self.root_pid):
+        for pid in descendants(self.root_pid):
             try:
                 with open(f"/proc/{pid}/stat") as handle:
                     fields = handle.read().rsplit(")", 1)[1].split()
