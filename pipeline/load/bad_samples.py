@@ -58,13 +58,18 @@ class AllSamplesBadError(UserError):
     """Every sample of a batch is bad: skipping them would leave a rank without a step."""
 
 
+def repair_command(location: str) -> str:
+    """The command that rebuilds the failing shards of ``location`` byte-identical."""
+    return f"alexpipe verify {location} --repair --src {REPAIR_SOURCE}"
+
+
 def stop_message(sample: BadSample, shard_matches: bool | None, location: str) -> str:
     """The one line a stopped run ends with."""
     named = (
         f"{sample.shard}: sample {sample.key} (index {sample.index}) does not decode "
         f"({sample.reason})"
     )
-    repair = f"alexpipe verify {location} --repair --src {REPAIR_SOURCE}"
+    repair = repair_command(location)
     then = "then --resume (or --on-bad-sample skip to train without it)"
     if shard_matches is False:
         return (
@@ -88,9 +93,9 @@ class BadSamples:
 
     def __init__(
         self,
-        action: OnBadSample = OnBadSample.STOP,
-        shards: Sequence[ShardInfo] = (),
-        location: str = "DIR",
+        action: OnBadSample,
+        shards: Sequence[ShardInfo],
+        location: str,
     ):
         self.action = OnBadSample(action)
         self.location = location
@@ -118,6 +123,5 @@ def no_sample_left(batch_number: int, rank: int, bad: Sequence[BadSample], locat
     return (
         f"every sample of batch {batch_number} of rank {rank} does not decode ({names}); "
         f"skipping them would leave this rank without its step: run alexpipe verify "
-        f"{location}, rebuild with alexpipe verify {location} --repair --src {REPAIR_SOURCE}, "
-        "then --resume"
+        f"{location}, rebuild with {repair_command(location)}, then --resume"
     )

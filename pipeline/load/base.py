@@ -32,7 +32,7 @@ from pipeline.load.augment import AugmentDraws, AugmentSpec
 from pipeline.load.augment import draw_augmentation as paper_draws
 from pipeline.load.bad_samples import AllSamplesBadError, BadSample, BadSamples, no_sample_left
 from pipeline.load.epochs import DEFAULT_SHUFFLE_WINDOW, EpochPlan, num_batches, plan_epoch
-from pipeline.load.interface import Device, OnBadSample
+from pipeline.load.interface import Device
 from pipeline.load.samples import SampleReader, SplitTable
 from pipeline.load.staging import first_reads
 from shards.cache import ShardCache
@@ -55,7 +55,6 @@ class LoaderConfig:
     ten_crop: bool = False
     with_index: bool = False
     shuffle_window: int = DEFAULT_SHUFFLE_WINDOW
-    on_bad_sample: OnBadSample = OnBadSample.STOP
 
     @property
     def is_train(self) -> bool:
@@ -87,14 +86,14 @@ class EpochLoader:
         draw: DrawFunction = paper_draws,
         cache: ShardCache | None = None,
         *,
-        bad_samples: BadSamples | None = None,
+        bad_samples: BadSamples,
     ):
         self.table = table
         self.spec = spec
         self.config = config
         self.cache = cache
         self._draw = draw
-        self.bad_samples = bad_samples or BadSamples(config.on_bad_sample)
+        self.bad_samples = bad_samples
         self._length = num_batches(table.num_samples, config.batch_size, config.world_size)
         self._epoch = 0
         self._consumed = 0

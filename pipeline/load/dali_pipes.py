@@ -55,7 +55,6 @@ from pipeline.load.interface import Device
 from pipeline.load.samples import SampleReader
 
 PREFETCH_QUEUE_DEPTH = 2
-OUTPUT_NAMES = ("images", "labels", "indices")
 
 
 class BatchFeeder:
@@ -76,12 +75,12 @@ class BatchFeeder:
         first_positions: np.ndarray | None = None,
     ) -> None:
         """Feed batches ``first_batch..`` of ``plan`` (with ``draws`` for train) from now on;
-        ``first_positions``, if given, are fed as
-        batch ``first_batch`` instead of the plan's (a failed batch without its bad samples)."""
-        batches = ((number, plan.batch(number)) for number in range(first_batch, plan.num_batches))
+        ``first_positions``, if given, are fed as batch ``first_batch`` instead of the
+        plan's (a failed batch without its bad samples)."""
+        batches = (plan.batch(number) for number in range(first_batch, plan.num_batches))
         if first_positions is not None:
             next(batches, None)
-            batches = itertools.chain([(first_batch, first_positions)], batches)
+            batches = itertools.chain([first_positions], batches)
         self._batches = batches
         self._draws = draws
 
@@ -90,8 +89,7 @@ class BatchFeeder:
         self._batches = iter(())
 
     def __call__(self):
-        number, positions = next(self._batches)  # StopIteration: the epoch is over
-        return self.inputs(positions)
+        return self.inputs(next(self._batches))  # StopIteration: the epoch is over
 
     def inputs(self, positions: np.ndarray) -> tuple:
         """The external source's outputs for the samples at ``positions``: JPEG bytes,
@@ -302,7 +300,7 @@ class DaliLoader(EpochLoader):
                     continue
                 if outputs is None:
                     break
-                yield tuple(outputs[name] for name in OUTPUT_NAMES)
+                yield outputs
                 number += 1
         finally:
             if not self._ended and not self._failed:
@@ -341,16 +339,16 @@ class DaliLoader(EpochLoader):
                 probe = None  # "no longer valid": the next sample gets a new one
         return bad
 
-    def _next_batch(self) -> dict[str, torch.Tensor] | None:
-        """The next batch of the epoch, or None (and the pipeline marked as ended) after it."""
+    def _next_batch(self) -> tuple[torch.Tensor, ...] | None:
+        """The next batch of the epoch, ``(images, labels, indices)``, or None (and the
+        pipeline marked as ended) after it."""
         try:
             outputs = self._pipeline.run()
         except StopIteration:
             self._ended = True
             return None
         copy = not self._pipeline.exec_dynamic
-        outputs = zip(OUTPUT_NAMES, outputs, strict=True)
-        return {name: dali_to_torch(output, copy) for name, output in outputs}
+        return tuple(dali_to_torch(output, copy) for output in outputs)
 
     def _drain(self) -> None:
         """Run out the batches an abandoned epoch prefetched, for nothing.

@@ -134,7 +134,6 @@ def create_loader(
         ten_crop=ten_crop,
         with_index=with_index,
         shuffle_window=shuffle_window,
-        on_bad_sample=on_bad_sample,
     )
     source = open_source(shards_dir if isinstance(shards_dir, Path) else str(shards_dir))
     local = isinstance(source, LocalSource)
