@@ -58,10 +58,11 @@ def repair_shards(config: RepairConfig, report: DirectoryReport) -> list[str]:
     :class:`UserError`, with DIR unchanged, when SRC is not what DIR was built
     from or a rebuilt shard is not byte-identical to the recorded one.
     """
-    shards_dir = Path(config.shards_dir)
-    manifest = read_manifest(shards_dir)
     if not report.failing_shards:
         return []
+    shards_dir = Path(config.shards_dir)
+    manifest = read_manifest(shards_dir)
+    recorded = _recorded_shards(manifest)
     build = _build_config(manifest, config)
     validate(build)
     intact_keys = {
@@ -69,20 +70,19 @@ def repair_shards(config: RepairConfig, report: DirectoryReport) -> list[str]:
         for name, problems in report.shard_problems.items()
         if not problems
     }
-    plans = _plans(build, manifest, shards_dir, intact_keys)
+    plans = _plans(build, manifest, recorded, intact_keys)
     chosen = [plans[name] for name in report.failing_shards]
     staging = shards_dir / STAGING_NAME
     shutil.rmtree(staging, ignore_errors=True)
     work_dir(staging).mkdir(parents=True)
     try:
         try:
-            records = _run(chosen, build, staging, config)
+            records = _run(chosen, build, staging)
         except OSError as error:  # a full or read-only disk: one line, as in a build
             problem = output_error(error, shards_dir)
             if problem is None:
                 raise
             raise problem from error
-        recorded = _recorded_shards(manifest)
         for plan in chosen:
             _require_identical(records[plan.name]["shard"], recorded[_tar(plan)], config.src)
         for plan in chosen:
@@ -120,12 +120,15 @@ def _recorded_shards(manifest: Manifest) -> dict[str, ShardInfo]:
     return {info.file: info for info in manifest.every_shard()}
 
 
-def _plans(build: BuildConfig, manifest: Manifest, shards_dir: Path, intact_keys: dict) -> dict:
+def _plans(
+    build: BuildConfig, manifest: Manifest, recorded: dict[str, ShardInfo], intact_keys: dict
+) -> dict:
     """The build's plan for SRC, by tar name, once SRC is seen to hold DIR's inputs:
-    the same classes, the same shards, and in each intact shard the same keys."""
+    the same classes, the same shards (``recorded``: the manifest's, by tar name), and in
+    each intact shard the same keys."""
     from pipeline.build.sources import discover, resolve_layout
 
-    source = f"--src {build.src}"
+    source, shards_dir = f"--src {build.src}", build.out
     listing = discover(build.src, resolve_layout(build.src, build.layout), build.splits)
     wnids = [entry.wnid for entry in manifest.classes]
     if list(listing.classes) != wnids:
@@ -135,7 +138,6 @@ def _plans(build: BuildConfig, manifest: Manifest, shards_dir: Path, intact_keys
         )
     plans = plan_build(listing.items, build.shard_size, build.seed)
     rejected = _rejected_sources(shards_dir)
-    recorded = _recorded_shards(manifest)
     by_tar = {}
     for plan in plans:
         keys = [s.item.key for s in plan.samples if (plan.split, s.item.source) not in rejected]
@@ -174,14 +176,14 @@ def _rejected_sources(shards_dir: Path) -> set[tuple[str, str]]:
         raise UserError(f"{path}: unreadable ({error}); cannot tell which inputs to skip") from None
 
 
-def _run(plans: list[ShardPlan], build: BuildConfig, staging: Path, config) -> dict[str, dict]:
+def _run(plans: list[ShardPlan], build: BuildConfig, staging: Path) -> dict[str, dict]:
     """The shard task of each plan, on Ray as in a build, writing into ``staging``."""
     records: dict[str, dict] = {}
 
     def finished(plan: ShardPlan, record: dict) -> None:
         records[plan.name] = record
 
-    with ray_session(None, config.workers) as cpus:
+    with ray_session(None, build.workers) as cpus:
         run_shards(plans, build.transform_config(), staging, cpus, finished)
     return records
 
