@@ -203,13 +203,19 @@ def all_reduce_sum(tensor: torch.Tensor, context: DistributedContext) -> torch.T
     return tensor
 
 
+def all_reduce_min(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    """The elementwise minimum of ``tensor`` over all ranks, in place; returns it."""
+    if context.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
 def min_over_ranks(value: int, context: DistributedContext) -> int:
     """The smallest ``value`` of all ranks (e.g. batches per epoch)."""
     if not context.is_distributed:
         return value
     tensor = torch.tensor([value], dtype=torch.int64, device=context.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return int(tensor.item())
+    return int(all_reduce_min(tensor, context).item())
 
 
 def gather_objects(obj, context: DistributedContext) -> list:

@@ -178,15 +178,14 @@ def _epoch_batches(session: TrainingSession) -> Iterable:
     return loader
 
 
-def _judged_after(session: TrainingSession, step: int) -> bool:
-    """Whether the divergence checks run after ``step`` (a row or a checkpoint follows)."""
+def _due_after(session: TrainingSession, step: int) -> tuple[bool, bool, bool]:
+    """What follows ``step``, the next one (asked before it runs): a metrics row (every
+    ``log_every`` steps and at the epoch's end), the stop at ``max_steps``, a checkpoint."""
     config, position = session.config, session.position
-    return (
-        step % config.log_every == 0
-        or position.batch_in_epoch + 1 == session.steps_per_epoch
-        or (config.max_steps is not None and step >= config.max_steps)
-        or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
-    )
+    row = step % config.log_every == 0 or position.batch_in_epoch + 1 == session.steps_per_epoch
+    stop = config.max_steps is not None and step >= config.max_steps
+    save = bool(config.checkpoint_every and step % config.checkpoint_every == 0)
+    return row, stop, save
 
 
 def train_one_epoch(session: TrainingSession) -> bool:
@@ -221,7 +220,8 @@ def train_one_epoch(session: TrainingSession) -> bool:
                 restore_rng_state(session.pending_rng)
                 session.pending_rng = None
             images, labels = to_device(images, labels, session.device, config.channels_last)
-            if session.guard is not None and _judged_after(session, position.step + 1):
+            row_due, stop_due, save_due = _due_after(session, position.step + 1)
+            if session.guard is not None and (row_due or stop_due or save_due):
                 session.guard.arm()  # measure this step's activations for the check after it
             loss = train_step(session.model, session.optimizer, images, labels, config.bf16)
             position.step += 1
@@ -230,23 +230,20 @@ def train_one_epoch(session: TrainingSession) -> bool:
             position.batch_in_epoch += 1
             _note_skipped(session, session.train_loader)
             session.window.add(loss, images.shape[0], wait_seconds)
-            last_batch = position.batch_in_epoch == session.steps_per_epoch
-            if position.step % config.log_every == 0 or last_batch:
+            if row_due:
                 stop_if_diverged(session, progress, _log_training_row(session, progress))
             if progress is not None:
                 progress.update(1)
-            if last_batch:
+            if position.batch_in_epoch == session.steps_per_epoch:
                 break
-            if config.max_steps is not None and position.step >= config.max_steps:
-                stop_if_diverged(session, progress)
-                _write_skipped(session)
+            if stop_due or save_due:
+                if not row_due:  # a row just written was judged and wrote the skipped rows
+                    stop_if_diverged(session, progress)
+                    _write_skipped(session)
                 save_session(session)
-                stopped = True
-                break
-            if config.checkpoint_every and position.step % config.checkpoint_every == 0:
-                stop_if_diverged(session, progress)
-                _write_skipped(session)
-                save_session(session)
+                if stop_due:
+                    stopped = True
+                    break
                 session.window.restart_timer()
     finally:
         if progress is not None:

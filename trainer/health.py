@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from shards.errors import UserError
-from trainer.distributed import DistributedContext
+from trainer.distributed import DistributedContext, all_reduce_min
 
 # Layers followed by a ReLU, and the logits layer (by the last part of their
 # module names, so both AlexNet and each column of ColumnAlexNet match).
@@ -76,11 +76,10 @@ class ActivationProbe:
         self.armed = False
         self.alive: dict[str, list[torch.Tensor]] = {}
         self.spreads: list[torch.Tensor] = []
-        self.handles = []
         for name, module in network.named_modules():
             layer = _layer_name(name)
             if layer in RELU_LAYERS or layer == LOGITS_LAYER:
-                self.handles.append(module.register_forward_hook(self._hook(layer)))
+                module.register_forward_hook(self._hook(layer))
 
     def _hook(self, layer: str):
         def record(module: nn.Module, inputs, output: torch.Tensor) -> None:
@@ -109,10 +108,6 @@ class ActivationProbe:
             spread = torch.stack(self.spreads).amax()
         self.alive, self.spreads, self.armed = {}, [], False
         return alive, spread
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 class DivergenceGuard:
@@ -175,10 +170,7 @@ class DivergenceGuard:
                 self.min_alive,
             ]
         )
-        if context.is_distributed:
-            import torch.distributed as dist
-
-            dist.all_reduce(worst, op=dist.ReduceOp.MIN)
+        all_reduce_min(worst, context)
         negated_not_finite, negated_max_loss, min_spread, *alive_shares = worst.tolist()
         if negated_not_finite < 0:
             return "the loss is not finite"
