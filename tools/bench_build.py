@@ -171,7 +171,7 @@ def kernel_stages(train: Path, work: Path, count: int = 200, rounds: int = 5) ->
             lambda data: process_image(data, config, decode_stored=False),
             datas,
         ),
-        "decode_back_ms": (lambda jpg: _decode_stored(jpg, config.size), jpgs),
+        "decode_back_ms": (_decode_stored, jpgs),
         "pixel_stats_add_ms": (PixelStats(config.size).add, pixels),
         "pixel_stats_add_strided_ms": (PixelStats(config.size).add, interleaved),
     }

@@ -76,7 +76,7 @@ def write_statistics(out_dir: Path, pixel_stats) -> dict:
 def write_outputs(
     out_dir: Path,
     settings: dict,
-    classes: list[dict],
+    classes: tuple[ClassInfo, ...],
     splits: list[str],
     plans: list[ShardPlan],
     records: dict[str, dict],
@@ -122,7 +122,7 @@ def write_outputs(
         )
     manifest = Manifest(
         config=settings,
-        classes=tuple(ClassInfo(**row) for row in classes),
+        classes=classes,
         splits=manifest_splits,
         stats=STATS_NAME if has_stats else None,
         mean=MEAN_NAME if has_stats else None,

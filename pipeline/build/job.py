@@ -28,7 +28,7 @@ from pipeline.build.scheduler import run_shards
 from pipeline.build.shard_task import load_finished_record, work_dir
 from shards.atomic import dumps_json, remove_temporaries, write_text_atomic
 from shards.errors import UserError
-from shards.manifest import MANIFEST_NAME, Manifest
+from shards.manifest import MANIFEST_NAME, ClassInfo, Manifest
 from shards.remote import read_manifest
 
 SETTINGS_NAME = "settings.json"
@@ -89,14 +89,18 @@ def validate(config: BuildConfig) -> None:
 def _run_identity(config: BuildConfig) -> dict:
     """What, besides the settings, decides the output bytes of a run in progress:
     the input tree and the image codec. Recorded in ``_work/`` so that a rerun
-    with another --src or after a Pillow upgrade cannot mix old and new shards."""
+    with another --src or after a Pillow or simplejpeg upgrade (simplejpeg brings its
+    own libjpeg-turbo, which decodes plain JPEGs and the stored ones) cannot mix old
+    and new shards."""
     import PIL
+    import simplejpeg
     from PIL import features
 
     return {
         "src": str(config.src.resolve()),
         "pil": PIL.__version__,
         "libjpeg": features.version("jpg"),
+        "simplejpeg": simplejpeg.__version__,
     }
 
 
@@ -201,10 +205,10 @@ def _build(config: BuildConfig) -> BuildSummary:
                     progress.update(len(plan.samples))
 
                 run_shards(remaining, transform_config, out_dir, cpus, finished)
-    classes = [
-        {"index": index, "wnid": wnid, "name": listing.class_names.get(wnid, "")}
+    classes = tuple(
+        ClassInfo(index, wnid, listing.class_names.get(wnid, ""))
         for index, wnid in enumerate(listing.classes)
-    ]
+    )
     summaries = write_outputs(
         out_dir, settings, classes, list(config.splits), plans, records, list(listing.rejected)
     )

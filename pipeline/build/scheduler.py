@@ -30,25 +30,14 @@ def run_shards(
     cpus: int,
     on_done: Callable[[ShardPlan, dict], None],
 ) -> None:
-    """Run every plan once as a Ray task; call ``on_done(plan, record)`` as each finishes.
+    """Run every plan once as a Ray task, at most ``2 * cpus`` at a time; call
+    ``on_done(plan, record)`` as each finishes.
 
     Ray must be ready (``ray_runtime.ray_session``, which says ``cpus``).
     If a task fails, no new one starts; the ones in flight are waited for
     (their temporaries are gone when they end, and a finished one is kept),
     then the first failure is raised: an ``OSError`` of a task as it is (a
     full disk, an unwritable --out), anything else as one line.
-    """
-    _run_on_ray(collections.deque(plans), transform_config, Path(out_dir).resolve(), cpus, on_done)
-
-
-def _run_on_ray(
-    pending_plans: collections.deque,
-    transform_config,
-    out_dir: Path,
-    cpus: int,
-    on_done: Callable[[ShardPlan, dict], None],
-) -> None:
-    """Submit the plans as Ray tasks, at most ``2 * cpus`` at a time.
 
     Every ObjectRef lives in this frame only and is dropped before it returns
     or raises, so none outlives the Ray session (a reference released while
@@ -62,6 +51,7 @@ def _run_on_ray(
         _run_shard_on_ray
     )
     transform_ref = ray.put(transform_config)
+    pending_plans, out_dir = collections.deque(plans), Path(out_dir).resolve()
     # Bounded submission keeps the driver's memory flat on huge builds.
     window = max(2 * cpus, 4)
     in_flight: dict = {}
@@ -70,7 +60,7 @@ def _run_on_ray(
     failure: BaseException | None = None
     try:
         while pending_plans or in_flight:
-            while failure is None and pending_plans and len(in_flight) < window:
+            while pending_plans and len(in_flight) < window:  # emptied by a failure
                 plan = pending_plans.popleft()
                 in_flight[remote_run.remote(plan, transform_ref, str(out_dir))] = plan
             done, _ = ray.wait(list(in_flight), num_returns=1)

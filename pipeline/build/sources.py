@@ -33,10 +33,10 @@ from pipeline.build.devkit import (
 )
 from pipeline.build.tarscan import TarMember, rejection_reason, scan_tar
 from shards.errors import UserError
+from shards.manifest import SPLITS, Layout
 from shards.writer import is_valid_key
 
-LAYOUTS = ("folder", "tars", "kaggle")
-SPLITS = ("train", "val")
+LAYOUTS = tuple(layout.value for layout in Layout if layout is not Layout.AUTO)
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 KAGGLE_ROOT = PurePosixPath("ILSVRC/Data/CLS-LOC")

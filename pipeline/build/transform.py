@@ -160,12 +160,13 @@ def process_image(
             repairs.append("exif-transposed")
 
     jpg = _encode(output, config.quality)
-    pixels = _decode_stored(jpg, config.size) if decode_stored else None
+    pixels = _decode_stored(jpg) if decode_stored else None
     return Processed(jpg, orig_size, orig_mode, repairs, pixels)
 
 
-def _decode_stored(jpg: bytes, size: int) -> np.ndarray:
-    """The stored JPEG's RGB pixels (size×size×3, C-contiguous), as a loader decodes them.
+def _decode_stored(jpg: bytes) -> np.ndarray:
+    """The stored JPEG's RGB pixels (size×size×3, C-contiguous; the size is in the JPEG),
+    as a loader decodes them.
 
     We wrote this JPEG (size×size, baseline, RGB), so TurboJPEG decodes it
     with nothing to find out first: the same pixels as Pillow's decoder
