@@ -5,16 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pipeline.load.interface import OnBadSample
+from pipeline.load.interface import BACKENDS, BAD_SAMPLE_POLICIES
 from shards.errors import UserError
 from shards.sizes import parse_size
 
-DEVICES = ("cuda", "cpu")
-BACKENDS = ("dali", "torch")
+DEVICES = ("cuda", "cpu")  # in this order in its error message (the loader's are cpu, cuda)
 PARALLEL_MODES = ("ddp", "columns")
 SCHEDULES = ("plateau", "step")
 NORMALIZATIONS = ("paper", "channel")
-BAD_SAMPLE_POLICIES = tuple(policy.value for policy in OnBadSample)
 
 # Fields that must not change across --resume: they decide the shapes of the
 # saved model/optimizer/schedule state or how the saved per-rank states map

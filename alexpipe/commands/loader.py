@@ -8,11 +8,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.load.interface import Backend, Device
+from pipeline.load.interface import BACKENDS, DEVICES
 from shards.manifest import SPLITS
 
-BACKENDS = [backend.value for backend in Backend]
-DEVICES = [device.value for device in Device]
 TILE_GAP = 4  # pixels between preview tiles
 
 

@@ -7,12 +7,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.load.interface import Backend, Device, OnBadSample
+from pipeline.load.interface import BACKENDS, BAD_SAMPLE_POLICIES, DEVICES
 from shards.errors import UserError
 
-BACKENDS = [backend.value for backend in Backend]
-DEVICES = [device.value for device in Device]
-BAD_SAMPLE_POLICIES = [policy.value for policy in OnBadSample]
 SHARDS_HELP = "Shard directory, or http(s)://, s3:// or pipe:COMMAND (staged through a cache)."
 CACHE_DIR_HELP = "Local directory for remote shards (default: a temporary one)."
 CACHE_SIZE_HELP = "Size limit of that cache, e.g. 50G (default: twice the minimum)."

@@ -38,6 +38,12 @@ class OnBadSample(str, Enum):
     SKIP = "skip"
 
 
+# The choices as the command line and the training config list them.
+BACKENDS = tuple(backend.value for backend in Backend)
+DEVICES = tuple(device.value for device in Device)
+BAD_SAMPLE_POLICIES = tuple(policy.value for policy in OnBadSample)
+
+
 def parse_choice(kind: type[E], name: str | E, what: str, aliases: dict | None = None) -> E:
     """``name`` as a member of the enum ``kind`` (or one of its ``aliases``); anything
     else is a one-line UserError naming ``what`` and the choices."""
