@@ -58,15 +58,14 @@ class IndexSample:
 
 @dataclass(frozen=True)
 class IndexDigest:
-    """An index file's sha256 and size: enough to check a copy of it (and to count its bytes)
-    without keeping its text."""
+    """An index file's sha256: enough to check a copy of it without keeping its text."""
 
     sha256: str
-    bytes: int
 
     @classmethod
-    def of(cls, data: bytes) -> IndexDigest:
-        return cls(hashlib.sha256(data).hexdigest(), len(data))
+    def of(cls, text: str) -> IndexDigest:
+        """The digest of an index file's ``text`` (ASCII, as the build writes it)."""
+        return cls(hashlib.sha256(text.encode("ascii")).hexdigest())
 
 
 def split_name(name: str) -> tuple[str, str]:

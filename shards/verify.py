@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shards.index import WHITESPACE, IndexFormatError, group_components, index_text, parse_index
-from shards.manifest import MEAN_NAME, Manifest, index_name
+from shards.manifest import MEAN_NAME, Manifest, SplitEntry, index_name
 from shards.reader import decode_label
 from shards.remote import read_manifest
 from shards.scan import ShardScan, scan_shard
@@ -348,11 +348,11 @@ def _worker_count(workers: int | None, infos: list[ShardInfo]) -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _add_split(report, split, infos, results, manifest, progress) -> None:
+def _add_split(report, split: str, entry: SplitEntry, results, progress) -> None:
     """Take one split's shard reports into ``report``; check its keys and its count."""
     key_shards: dict[str, str] = {}
     total = 0
-    for info in infos:
+    for info in entry.shards:
         shard = next(results)
         report.problems += shard.problems
         report.shard_problems[info.file] = shard.problems
@@ -366,7 +366,7 @@ def _add_split(report, split, infos, results, manifest, progress) -> None:
             key_shards.setdefault(key, info.file)
         if progress is not None:
             progress(info.file)
-    recorded = manifest.splits[split].num_samples
+    recorded = entry.num_samples
     if total != recorded:
         report.problems.append(f"{split}: {total} samples in the shards, manifest says {recorded}")
 
@@ -385,12 +385,11 @@ def verify_directory(
     size = int(manifest.config.get("size", 256))
     check = ShardCheck(manifest.num_classes, size, decode)
     report = DirectoryReport()
-    splits = {split: entry.shards for split, entry in manifest.splits.items()}
-    everything = [info for infos in splits.values() for info in infos]
+    everything = manifest.every_shard()
     tasks = [(shards_dir / info.file, info, check) for info in everything]
     with contextlib.closing(_reports(tasks, _worker_count(workers, everything))) as results:
-        for split, infos in splits.items():
-            _add_split(report, split, infos, results, manifest, progress)
+        for split, entry in manifest.splits.items():
+            _add_split(report, split, entry, results, progress)
     listed = {name for info in everything for name in (info.file, index_name(info.file))}
     for path in sorted(shards_dir.glob("*.tar")) + sorted(shards_dir.glob("*.idx")):
         if path.name not in listed:

@@ -178,7 +178,7 @@ def shard_files_named(cache_dir: Path, name: str) -> list[str]:
 def open_cache(source, infos, directory, max_bytes) -> contextlib.closing[ShardCache]:
     """A cache checking staged shards against the index files at ``source``, as a loader does;
     closed when the ``with`` block ends."""
-    indexes = [IndexDigest.of(read_index(source, info.file).encode("ascii")) for info in infos]
+    indexes = [IndexDigest.of(read_index(source, info.file)) for info in infos]
     return contextlib.closing(ShardCache(source, infos, indexes, directory, max_bytes))
 
 
@@ -334,6 +334,26 @@ def test_stale_index_is_detected(served, tmp_path):
         with pytest.raises(ShardVerificationError, match=r"train-000001\.tar: its index"):
             fetch(cache, 1)
         assert shard_files_named(tmp_path / "cache", "train-000001.tar") == []
+
+
+def test_an_index_of_another_build_is_refused_before_any_download(served, tmp_path):
+    from pipeline.load.staging import open_remote_split
+
+    url, directory, manifest, requests = served
+    index_path = directory / "train-000001.idx"
+    header, *lines = index_path.read_text().splitlines()
+    version, count = header.split()
+    # A well-formed index of one sample fewer than the manifest records.
+    index_path.write_text("\n".join([f"{version} {int(count) - 1}", *lines[:-1]]) + "\n")
+    recorded = manifest.split("train").shards[1].num_samples
+    message = (
+        rf"train-000001\.idx lists {recorded - 1} samples, the manifest {recorded}; "
+        "the index and the manifest are from different builds"
+    )
+    with pytest.raises(UserError, match=message):
+        open_remote_split(open_source(url), manifest, "train", tmp_path / "cache", None, 8)
+    assert not any(path.endswith(".tar") for path in requests)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_staged_shard_reads_as_the_served_tar(served, tmp_path):

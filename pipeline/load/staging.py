@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.load.epochs import EpochPlan, rank_batch_sizes, rank_batch_starts
 from pipeline.load.samples import SplitTable, split_table_from_indexes
-from shards.cache import ShardCache
+from shards.cache import ShardCache, least_working_bytes
 from shards.errors import UserError
 from shards.index import IndexDigest
 from shards.manifest import Manifest, index_name
@@ -46,9 +46,15 @@ def open_remote_split(
     table = split_table_from_indexes(
         [Path(info.file) for info in infos], zip(where, texts, strict=True)
     )
+    for info, count, location in zip(infos, table.shard_sizes, where, strict=True):
+        if count != info.num_samples:
+            raise UserError(
+                f"{location} lists {count} samples, the manifest {info.num_samples}; "
+                "the index and the manifest are from different builds"
+            )
     minimum = minimum_cache_bytes(stretch, infos)
     size = DEFAULT_SIZE_FACTOR * minimum if cache_bytes is None else int(cache_bytes)
-    indexes = [IndexDigest.of(text.encode("ascii")) for text in texts]
+    indexes = [IndexDigest.of(text) for text in texts]
     cache = ShardCache(source, infos, indexes, cache_dir, size, working_bytes=minimum)
     return dataclasses.replace(table, paths=cache.paths), cache
 
@@ -87,7 +93,7 @@ def minimum_cache_bytes(stretch: int, infos: tuple[ShardInfo, ...]) -> int:
         inside, fitted = inside + count, fitted + 1
     largest_first = sorted((info.bytes for info in infos), reverse=True)
     touched = min(len(infos), stretch, fitted + 2)
-    return max(sum(largest_first[:touched]), 2 * largest_first[0])
+    return max(sum(largest_first[:touched]), least_working_bytes(infos))
 
 
 def first_reads(table: SplitTable, plan: EpochPlan, first_batch: int) -> list[int]:
